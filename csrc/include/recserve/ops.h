@@ -1,0 +1,52 @@
+// The ops, declared once and implemented per device (cpu/*_cpu.cpp,
+// kernels/cuda/*.cu). Arguments have passed the checks in checks.h; value
+// checks that need the data (index ranges, offsets) happen inside the op.
+// Outputs are preallocated by the caller: float32/int64, C-contiguous.
+#pragma once
+
+#include <cstdint>
+
+#include "recserve/tensor.h"
+
+namespace recserve {
+
+namespace cpu {
+// Tokens as flat UTF-8 bytes + int64 offsets[n + 1].
+void hash_flat(const TensorView& data, const TensorView& offsets, uint32_t seed,
+               int64_t num_buckets, const TensorView& out);
+// Tokens as (pointer, length) spans into Python str/bytes objects kept alive by the caller.
+void hash_spans(const char* const* ptrs, const int64_t* lens, int64_t n, uint32_t seed,
+                int64_t num_buckets, int64_t* out);
+// NumPy fixed-width 'U' (UCS-4) or 'S' (bytes) arrays: `width` code units per
+// element, trailing NULs are padding (NumPy's own convention).
+void hash_ucs4(const uint32_t* data, int64_t n, int64_t width, uint32_t seed,
+               int64_t num_buckets, int64_t* out);
+void hash_fixed_bytes(const uint8_t* data, int64_t n, int64_t width, uint32_t seed,
+                      int64_t num_buckets, int64_t* out);
+
+void embedding_bag(const TensorView& table, const TensorView& indices, const TensorView& offsets,
+                   const TensorView& weights, PoolMode mode, const TensorView& out);
+
+void topk_inner_product(const TensorView& queries, const TensorView& items, int64_t k,
+                        const TensorView& exclude_indptr, const TensorView& exclude_ids,
+                        const TensorView& out_scores, const TensorView& out_ids);
+}  // namespace cpu
+
+// Same ops on device memory, enqueued on `stream` (a cudaStream_t). Value errors
+// found on the device are reported after a stream synchronisation.
+namespace cuda {
+void hash_flat(const TensorView& data, const TensorView& offsets, uint32_t seed,
+               int64_t num_buckets, const TensorView& out, void* stream);
+
+void embedding_bag(const TensorView& table, const TensorView& indices, const TensorView& offsets,
+                   const TensorView& weights, PoolMode mode, const TensorView& out, void* stream);
+
+void topk_inner_product(const TensorView& queries, const TensorView& items, int64_t k,
+                        const TensorView& exclude_indptr, const TensorView& exclude_ids,
+                        const TensorView& out_scores, const TensorView& out_ids, void* stream);
+
+// Device count; 0 when no driver or device is present (never throws).
+int device_count();
+}  // namespace cuda
+
+}  // namespace recserve

@@ -1,0 +1,124 @@
+"""recserve.kernels: the kernel API shared by the server and the trainer.
+
+Usage::
+
+    import numpy as np
+    from recserve import kernels
+
+    ids = kernels.hash_features(["user_id=42", "country=NL"], seed=0, num_buckets=1 << 20)
+    pooled = kernels.embedding_bag(table, ids, np.array([0, 2]), mode="sum")   # float32[1, d]
+    scores, item_ids = kernels.topk_inner_product(pooled, items, k=100)
+
+Every op takes NumPy arrays (computed by recserve._C on all cores, GIL released) or,
+when recserve was built with CUDA, CuPy arrays / torch CUDA tensors (computed on
+their device, on the library's current stream) and returns arrays of the same kind.
+Bad input raises ValueError naming the argument. ``reference.py`` is the
+specification each op is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from recserve import _C
+
+__all__ = [
+    "murmur3_32",
+    "hash_features",
+    "embedding_bag",
+    "topk_inner_product",
+    "build_info",
+]
+
+
+def _is_cuda_array(x: Any) -> bool:
+    if x is None:
+        return False
+    # torch raises (not AttributeError) on __cuda_array_interface__ for tensors
+    # that require grad, so ask torch tensors directly.
+    is_cuda = getattr(x, "is_cuda", None)
+    if isinstance(is_cuda, bool) and type(x).__module__.startswith("torch"):
+        return is_cuda
+    return hasattr(x, "__cuda_array_interface__")
+
+
+def _on_cuda(op: str, **arrays: Any) -> bool:
+    """True if the arrays are CUDA arrays, False if host arrays; ValueError if mixed."""
+    where = {name: _is_cuda_array(a) for name, a in arrays.items() if a is not None}
+    if not any(where.values()):
+        return False
+    if all(where.values()):
+        return True
+    host = next(n for n, c in where.items() if not c)
+    dev = next(n for n, c in where.items() if c)
+    raise ValueError(f"{op}: {dev} is a CUDA array but {host} is on the host; "
+                     "pass all arrays on the same device")
+
+
+def murmur3_32(data: bytes | str, seed: int = 0) -> int:
+    """MurmurHash3_x86_32 of ``data`` (str is hashed as UTF-8), unsigned."""
+    return _C.murmur3_32(data, seed)
+
+
+def hash_features(tokens, *, seed: int, num_buckets: int):
+    """Bucket ids ``murmur3_32(utf8(token), seed) % num_buckets`` as int64[n].
+
+    ``tokens``: a list/tuple of str or bytes, a 1-D NumPy array of dtype ``U``, ``S``
+    or object, or the flat form ``(data uint8[M], offsets int64[n + 1])``; the flat
+    form may hold CUDA arrays, which hashes on the GPU (one thread per token).
+    """
+    if isinstance(tokens, tuple) and len(tokens) == 2 and _on_cuda(
+        "hash_features", **{"tokens data": tokens[0], "tokens offsets": tokens[1]}
+    ):
+        from recserve.kernels import _cuda
+
+        return _cuda.hash_flat(tokens[0], tokens[1], seed=seed, num_buckets=num_buckets)
+    return _C.hash_features(tokens, seed=seed, num_buckets=num_buckets)
+
+
+def embedding_bag(table, indices, offsets, *, mode: str = "sum", weights=None):
+    """Pooled embedding rows per bag, float32[B, d].
+
+    ``table`` [N, d] float32/float16 (may be a read-only ``np.memmap``), ``indices``
+    int64[M], ``offsets`` int64[B + 1] with offsets[0] = 0, non-decreasing and
+    offsets[B] = M. ``mode`` is "sum" or "mean"; ``weights`` float32[M] scale each
+    row (sum only). Empty bags give zeros; accumulation is float32.
+    """
+    if _on_cuda("embedding_bag", table=table, indices=indices, offsets=offsets, weights=weights):
+        from recserve.kernels import _cuda
+
+        return _cuda.embedding_bag(table, indices, offsets, mode=mode, weights=weights)
+    return _C.embedding_bag(table, indices, offsets, mode=mode, weights=weights)
+
+
+def topk_inner_product(queries, items, k: int, *, exclude_indptr=None, exclude_ids=None):
+    """The k items with the largest inner product per query, fused (no [B, N] matrix).
+
+    ``queries`` float32[B, d], ``items`` float32/float16[N, d]. Returns
+    ``(scores float32[B, k], ids int64[B, k])`` sorted by score descending, ties to
+    the smaller id. ``exclude_indptr`` int64[B + 1] / ``exclude_ids`` int64 (CSR)
+    list item ids never to return per query. Slots beyond the eligible items hold
+    id -1 and score -inf.
+    """
+    if _on_cuda("topk_inner_product", queries=queries, items=items,
+                exclude_indptr=exclude_indptr, exclude_ids=exclude_ids):
+        from recserve.kernels import _cuda
+
+        return _cuda.topk_inner_product(queries, items, k, exclude_indptr=exclude_indptr,
+                                        exclude_ids=exclude_ids)
+    return _C.topk_inner_product(queries, items, k, exclude_indptr=exclude_indptr,
+                                 exclude_ids=exclude_ids)
+
+
+def build_info() -> dict:
+    """How this build was made and what it can use.
+
+    ``{"cuda": bool, "cuda_archs": [...], "version": str, ...}``: ``cuda`` says the
+    CUDA kernels were built; ``cuda_devices`` how many GPUs they can see now;
+    ``cpu_isa`` the SIMD path the CPU kernels use.
+    """
+    from recserve.kernels import _cuda
+
+    info = dict(_C.build_info())
+    info.update(_cuda.build_info())
+    return info
