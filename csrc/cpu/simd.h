@@ -19,22 +19,30 @@ struct SimdKernels {
   int lanes;
 
   // scores[i] = dot(q, x_i) for n rows x_i = x + i * ldx of length d. Returns the
-  // number of rows with scores[i] > thr, their row numbers written to hits.
+  // number of rows with scores[i] > thr, their row numbers written to hits[0..n).
+  // Every row goes through the same arithmetic, so equal rows score equal.
   int64_t (*score_tile_row)(const float* q, float thr, const float* x, int64_t ldx, int64_t n,
                             int64_t d, float* scores, int32_t* hits);
+  // Same for IEEE binary16 rows, widened in registers.
+  int64_t (*score_tile_row_f16)(const float* q, float thr, const uint16_t* x, int64_t ldx,
+                                int64_t n, int64_t d, float* scores, int32_t* hits);
 
-  // `lanes` queries at once: qt is the query block transposed, [d][lanes]
-  // (lanes beyond the real queries are zero). scores[i * lanes + g] = dot(q_g, x_i).
-  // Returns the rows where any lane beats thr[g], written to hits.
-  int64_t (*score_tile_lanes)(const float* qt, const float* thr, const float* x, int64_t ldx,
-                              int64_t n, int64_t d, float* scores, int32_t* hits);
+  // w queries at once (w a multiple of `lanes`): qt is the query block transposed,
+  // [d][w] (lanes beyond the real queries are zero, their thr +inf).
+  // scores[i * w + l] = dot(q_l, x_i). Returns the rows where any lane beats thr[l].
+  int64_t (*score_tile_lanes)(const float* qt, int64_t w, const float* thr, const float* x,
+                              int64_t ldx, int64_t n, int64_t d, float* scores, int32_t* hits);
 
   // dst[i * d + j] = float(src[i * lds + j]) for IEEE binary16 src.
   void (*half_to_float_rows)(const uint16_t* src, int64_t lds, int64_t n, int64_t d, float* dst);
 
-  // acc[j] += w * row[j], j < d.
-  void (*axpy_f32)(float w, const float* row, float* acc, int64_t d);
-  void (*axpy_f16)(float w, const uint16_t* row, float* acc, int64_t d);
+  // out[j] = sum over p in [lo, hi) of w[p] * row(idx[p])[j] (w == nullptr: all 1),
+  // rows at base + idx[p] * ld_bytes, float32 or binary16 (`half`). Indices must be
+  // valid. Accumulators stay in registers across the bag; rows idx[p + ahead] are
+  // prefetched for every p with p + ahead < total, across bag boundaries.
+  void (*pool_rows)(const char* base, int64_t ld_bytes, bool half, const int64_t* idx,
+                    int64_t lo, int64_t hi, int64_t total, int64_t num_rows, const float* w,
+                    int64_t d, float* out);
 };
 
 const SimdKernels& simd_scalar();

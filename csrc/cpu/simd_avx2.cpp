@@ -3,9 +3,11 @@
 // library still loads and runs on CPUs without it.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cpu/half.h"
+#include "cpu/prefetch.h"
 #include "cpu/simd.h"
 
 namespace recserve::cpu {
@@ -23,70 +25,111 @@ RS_AVX2 inline __m256i tail_mask(int64_t r) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + 8 - r));
 }
 
-RS_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  __m128 sh = _mm_movehdup_ps(s);
-  s = _mm_add_ps(s, sh);
-  sh = _mm_movehl_ps(sh, s);
-  return _mm_cvtss_f32(_mm_add_ss(s, sh));
+RS_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+RS_AVX2 inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+// The first r (1..7) elements, zero beyond; never reads past them.
+RS_AVX2 inline __m256 load8_tail(const float* p, int64_t r) {
+  return _mm256_maskload_ps(p, tail_mask(r));
+}
+RS_AVX2 inline __m256 load8_tail(const uint16_t* p, int64_t r) {
+  alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t k = 0; k < r; ++k) tmp[k] = p[k];
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
 }
 
-// R rows at once: independent FMA chains hide the FMA latency.
-template <int R>
-RS_AVX2 inline void dot_rows(const float* q, const float* x, int64_t ldx, int64_t d, float* out) {
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+// dot(q, row) for 4 rows, reduced together (3 hadds instead of 4 full reductions).
+template <typename T>
+RS_AVX2 inline void dot4(const float* q, const T* const* rows, int64_t d, float* out) {
+  __m256 acc[4];
+  for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + kLanes <= d; j += kLanes) {
     const __m256 qj = _mm256_loadu_ps(q + j);
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm256_fmadd_ps(qj, _mm256_loadu_ps(x + r * ldx + j), acc[r]);
+    for (int r = 0; r < 4; ++r) acc[r] = _mm256_fmadd_ps(qj, load8(rows[r] + j), acc[r]);
   }
   if (j < d) {
-    const __m256i m = tail_mask(d - j);
-    const __m256 qj = _mm256_maskload_ps(q + j, m);
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm256_fmadd_ps(qj, _mm256_maskload_ps(x + r * ldx + j, m), acc[r]);
+    const __m256 qj = load8_tail(q + j, d - j);
+    for (int r = 0; r < 4; ++r) acc[r] = _mm256_fmadd_ps(qj, load8_tail(rows[r] + j, d - j), acc[r]);
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
 }
 
-RS_AVX2 int64_t score_tile_row(const float* q, float thr, const float* x, int64_t ldx, int64_t n,
-                               int64_t d, float* scores, int32_t* hits) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) dot_rows<4>(q, x + i * ldx, ldx, d, scores + i);
-  for (; i < n; ++i) dot_rows<1>(q, x + i * ldx, ldx, d, scores + i);
+template <typename T>
+RS_AVX2 inline int64_t score_rows(const float* q, float thr, const T* x, int64_t ldx, int64_t n,
+                                  int64_t d, float* scores, int32_t* hits) {
+  for (int64_t i = 0; i < n; i += 4) {
+    // A short last block repeats the final row, so every row takes the same path.
+    const T* rows[4];
+    for (int r = 0; r < 4; ++r) rows[r] = x + std::min<int64_t>(i + r, n - 1) * ldx;
+    float out[4];
+    dot4(q, rows, d, out);
+    for (int64_t r = 0; r < 4 && i + r < n; ++r) scores[i + r] = out[r];
+  }
   int64_t nh = 0;
-  for (i = 0; i < n; ++i)
+  for (int64_t i = 0; i < n; ++i)
     if (scores[i] > thr) hits[nh++] = int32_t(i);
   return nh;
 }
 
-template <int R>
-RS_AVX2 inline int64_t lanes_block(const float* qt, __m256 thr, const float* x, int64_t ldx,
-                                   int64_t i0, int64_t d, float* scores, int32_t* hits) {
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  const float* xr = x + i0 * ldx;
-  for (int64_t j = 0; j < d; ++j) {
-    const __m256 qj = _mm256_loadu_ps(qt + j * kLanes);
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(xr + r * ldx + j), qj, acc[r]);
-  }
-  int64_t nh = 0;
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(scores + (i0 + r) * kLanes, acc[r]);
-    if (_mm256_movemask_ps(_mm256_cmp_ps(acc[r], thr, _CMP_GT_OQ))) hits[nh++] = int32_t(i0 + r);
-  }
-  return nh;
+RS_AVX2 int64_t score_tile_row(const float* q, float thr, const float* x, int64_t ldx, int64_t n,
+                               int64_t d, float* scores, int32_t* hits) {
+  return score_rows(q, thr, x, ldx, n, d, scores, hits);
 }
 
-RS_AVX2 int64_t score_tile_lanes(const float* qt, const float* thr, const float* x, int64_t ldx,
-                                 int64_t n, int64_t d, float* scores, int32_t* hits) {
-  const __m256 t = _mm256_loadu_ps(thr);
-  int64_t nh = 0, i = 0;
-  for (; i + 8 <= n; i += 8) nh += lanes_block<8>(qt, t, x, ldx, i, d, scores, hits + nh);
-  for (; i < n; ++i) nh += lanes_block<1>(qt, t, x, ldx, i, d, scores, hits + nh);
+RS_AVX2 int64_t score_tile_row_f16(const float* q, float thr, const uint16_t* x, int64_t ldx,
+                                   int64_t n, int64_t d, float* scores, int32_t* hits) {
+  return score_rows(q, thr, x, ldx, n, d, scores, hits);
+}
+
+// R items x G lane groups: each item value is broadcast once and multiplied
+// into G query vectors, so loads per FMA drop as G grows.
+template <int R, int G>
+RS_AVX2 inline void lanes_block(const float* qt, int64_t w, int64_t l0, const __m256* thr,
+                                const float* x, int64_t ldx, int64_t i0, int64_t d, float* scores,
+                                int32_t* flags) {
+  __m256 acc[R][G];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) acc[r][g] = _mm256_setzero_ps();
+  const float* xr = x + i0 * ldx;
+  for (int64_t j = 0; j < d; ++j) {
+    __m256 qv[G];
+    for (int g = 0; g < G; ++g) qv[g] = _mm256_loadu_ps(qt + j * w + l0 + g * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const __m256 b = _mm256_broadcast_ss(xr + r * ldx + j);
+      for (int g = 0; g < G; ++g) acc[r][g] = _mm256_fmadd_ps(b, qv[g], acc[r][g]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) {
+      _mm256_storeu_ps(scores + (i0 + r) * w + l0 + g * kLanes, acc[r][g]);
+      if (_mm256_movemask_ps(_mm256_cmp_ps(acc[r][g], thr[g], _CMP_GT_OQ))) flags[i0 + r] = 1;
+    }
+}
+
+template <int R, int G>
+RS_AVX2 inline void lanes_pass(const float* qt, int64_t w, int64_t l0, const float* thr,
+                               const float* x, int64_t ldx, int64_t n, int64_t d, float* scores,
+                               int32_t* flags) {
+  __m256 t[G];
+  for (int g = 0; g < G; ++g) t[g] = _mm256_loadu_ps(thr + l0 + g * kLanes);
+  int64_t i = 0;
+  for (; i + R <= n; i += R) lanes_block<R, G>(qt, w, l0, t, x, ldx, i, d, scores, flags);
+  for (; i < n; ++i) lanes_block<1, G>(qt, w, l0, t, x, ldx, i, d, scores, flags);
+}
+
+RS_AVX2 int64_t score_tile_lanes(const float* qt, int64_t w, const float* thr, const float* x,
+                                 int64_t ldx, int64_t n, int64_t d, float* scores, int32_t* hits) {
+  for (int64_t i = 0; i < n; ++i) hits[i] = 0;  // per-row hit flags, compacted below
+  int64_t l0 = 0;
+  for (; l0 + 2 * kLanes <= w; l0 += 2 * kLanes)
+    lanes_pass<6, 2>(qt, w, l0, thr, x, ldx, n, d, scores, hits);
+  if (l0 < w) lanes_pass<8, 1>(qt, w, l0, thr, x, ldx, n, d, scores, hits);
+  int64_t nh = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (hits[i]) hits[nh++] = int32_t(i);
   return nh;
 }
 
@@ -102,29 +145,49 @@ RS_AVX2 void half_to_float_rows(const uint16_t* src, int64_t lds, int64_t n, int
   }
 }
 
-RS_AVX2 void axpy_f32(float w, const float* row, float* acc, int64_t d) {
-  const __m256 wv = _mm256_set1_ps(w);
-  int64_t j = 0;
-  for (; j + 8 <= d; j += 8)
-    _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(wv, _mm256_loadu_ps(row + j), _mm256_loadu_ps(acc + j)));
-  for (; j < d; ++j) acc[j] += w * row[j];
+// One chunk of up to 32 columns (4 registers) pooled over the whole bag.
+template <typename T>
+RS_AVX2 inline void pool_chunk(const char* base, int64_t ld_bytes, const int64_t* idx, int64_t lo,
+                               int64_t hi, int64_t total, int64_t num_rows, const float* w,
+                               int64_t c0, int64_t d, float* out, bool prefetch) {
+  int64_t cols[4];
+  for (int v = 0; v < 4; ++v) cols[v] = std::clamp<int64_t>(d - c0 - v * kLanes, 0, kLanes);
+  __m256 acc[4];
+  for (int v = 0; v < 4; ++v) acc[v] = _mm256_setzero_ps();
+  for (int64_t p = lo; p < hi; ++p) {
+    if (prefetch) prefetch_row_ahead(base, ld_bytes, d * int64_t(sizeof(T)), idx, p, total, num_rows);
+    const T* row = reinterpret_cast<const T*>(base + idx[p] * ld_bytes) + c0;
+    const __m256 wv = _mm256_set1_ps(w ? w[p] : 1.f);
+    for (int v = 0; v < 4; ++v) {
+      if (cols[v] == 0) break;
+      const __m256 x = cols[v] == kLanes ? load8(row + v * kLanes) : load8_tail(row + v * kLanes, cols[v]);
+      acc[v] = _mm256_fmadd_ps(wv, x, acc[v]);
+    }
+  }
+  for (int v = 0; v < 4 && cols[v] > 0; ++v) {
+    if (cols[v] == kLanes) {
+      _mm256_storeu_ps(out + c0 + v * kLanes, acc[v]);
+    } else {
+      _mm256_maskstore_ps(out + c0 + v * kLanes, tail_mask(cols[v]), acc[v]);
+    }
+  }
 }
 
-RS_AVX2 void axpy_f16(float w, const uint16_t* row, float* acc, int64_t d) {
-  const __m256 wv = _mm256_set1_ps(w);
-  int64_t j = 0;
-  for (; j + 8 <= d; j += 8) {
-    const __m256 r = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
-    _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(wv, r, _mm256_loadu_ps(acc + j)));
+RS_AVX2 void pool_rows(const char* base, int64_t ld_bytes, bool half, const int64_t* idx,
+                       int64_t lo, int64_t hi, int64_t total, int64_t num_rows, const float* w,
+                       int64_t d, float* out) {
+  for (int64_t c0 = 0; c0 < d; c0 += 4 * kLanes) {
+    if (half) pool_chunk<uint16_t>(base, ld_bytes, idx, lo, hi, total, num_rows, w, c0, d, out, c0 == 0);
+    else pool_chunk<float>(base, ld_bytes, idx, lo, hi, total, num_rows, w, c0, d, out, c0 == 0);
   }
-  for (; j < d; ++j) acc[j] += w * half_to_float(row[j]);
 }
 
 }  // namespace
 
 const SimdKernels& simd_avx2() {
-  static const SimdKernels k{"avx2",             kLanes,   score_tile_row, score_tile_lanes,
-                             half_to_float_rows, axpy_f32, axpy_f16};
+  static const SimdKernels k{"avx2",             kLanes,           score_tile_row,
+                             score_tile_row_f16, score_tile_lanes, half_to_float_rows,
+                             pool_rows};
   return k;
 }
 #else

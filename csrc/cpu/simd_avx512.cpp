@@ -2,8 +2,10 @@
 // scalar remainders. Compiled with function-level target attributes only.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
+#include "cpu/prefetch.h"
 #include "cpu/simd.h"
 
 namespace recserve::cpu {
@@ -14,36 +16,78 @@ namespace {
 
 constexpr int kLanes = 16;
 
+// The first r (0..16) lanes.
 RS_AVX512 inline __mmask16 tail_mask(int64_t r) { return __mmask16((1u << r) - 1u); }
 
-template <int R>
-RS_AVX512 inline void dot_rows(const float* q, const float* x, int64_t ldx, int64_t d, float* out) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+RS_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+RS_AVX512 inline __m512 load16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+// Masked loads never touch the masked-off elements (no fault past a memmap's end).
+RS_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+RS_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+
+// Horizontal sums of 4 vectors at once: 128-bit chunk r of the folded vector
+// holds row r's partial sums, finished inside the chunk.
+RS_AVX512 inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
+                           _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
+  const __m512i pick = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(pick, v));
+}
+
+template <typename T>
+RS_AVX512 inline void dot4(const float* q, const T* const* rows, int64_t d, float* out) {
+  __m512 acc[4];
+  for (int r = 0; r < 4; ++r) acc[r] = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + kLanes <= d; j += kLanes) {
     const __m512 qj = _mm512_loadu_ps(q + j);
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm512_fmadd_ps(qj, _mm512_loadu_ps(x + r * ldx + j), acc[r]);
+    for (int r = 0; r < 4; ++r) acc[r] = _mm512_fmadd_ps(qj, load16(rows[r] + j), acc[r]);
   }
   if (j < d) {
     const __mmask16 m = tail_mask(d - j);
     const __m512 qj = _mm512_maskz_loadu_ps(m, q + j);
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm512_fmadd_ps(qj, _mm512_maskz_loadu_ps(m, x + r * ldx + j), acc[r]);
+    for (int r = 0; r < 4; ++r) acc[r] = _mm512_fmadd_ps(qj, load16(rows[r] + j, m), acc[r]);
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  _mm_storeu_ps(out, reduce4(acc[0], acc[1], acc[2], acc[3]));
 }
 
-RS_AVX512 int64_t score_tile_row(const float* q, float thr, const float* x, int64_t ldx,
-                                 int64_t n, int64_t d, float* scores, int32_t* hits) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) dot_rows<4>(q, x + i * ldx, ldx, d, scores + i);
-  for (; i < n; ++i) dot_rows<1>(q, x + i * ldx, ldx, d, scores + i);
+// Streaming rows: prefetch 4 rows this far ahead (the hardware prefetcher alone
+// leaves bandwidth unused when each row needs little compute, as with float16).
+constexpr int64_t kPrefetchRows = 32;
+template <typename T>
+RS_AVX512 inline void prefetch_rows(const T* x, int64_t ldx, int64_t d, int64_t i, int64_t n) {
+  if (i + 4 > n) return;
+  const char* p = reinterpret_cast<const char*>(x + i * ldx);
+  const int64_t bytes = 3 * ldx * int64_t(sizeof(T)) + d * int64_t(sizeof(T));
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+template <typename T>
+RS_AVX512 inline int64_t score_rows(const float* q, float thr, const T* x, int64_t ldx, int64_t n,
+                                    int64_t d, float* scores, int32_t* hits) {
+  for (int64_t i = 0; i < n; i += 4) {
+    // A short last block repeats the final row, so every row takes the same path.
+    const T* rows[4];
+    for (int r = 0; r < 4; ++r) rows[r] = x + std::min<int64_t>(i + r, n - 1) * ldx;
+    prefetch_rows(x, ldx, d, i + kPrefetchRows, n);
+    float out[4];
+    dot4(q, rows, d, out);
+    for (int64_t r = 0; r < 4 && i + r < n; ++r) scores[i + r] = out[r];
+  }
   // Vectorised filter: almost every row loses against a warm threshold.
   const __m512 t = _mm512_set1_ps(thr);
   int64_t nh = 0;
-  for (i = 0; i < n; i += kLanes) {
+  for (int64_t i = 0; i < n; i += kLanes) {
     const __mmask16 valid = n - i >= kLanes ? __mmask16(0xffff) : tail_mask(n - i);
     unsigned m = _mm512_mask_cmp_ps_mask(valid, _mm512_maskz_loadu_ps(valid, scores + i), t, _CMP_GT_OQ);
     while (m) {
@@ -54,31 +98,63 @@ RS_AVX512 int64_t score_tile_row(const float* q, float thr, const float* x, int6
   return nh;
 }
 
-template <int R>
-RS_AVX512 inline int64_t lanes_block(const float* qt, __m512 thr, const float* x, int64_t ldx,
-                                     int64_t i0, int64_t d, float* scores, int32_t* hits) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  const float* xr = x + i0 * ldx;
-  for (int64_t j = 0; j < d; ++j) {
-    const __m512 qj = _mm512_loadu_ps(qt + j * kLanes);
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xr[r * ldx + j]), qj, acc[r]);
-  }
-  int64_t nh = 0;
-  for (int r = 0; r < R; ++r) {
-    _mm512_storeu_ps(scores + (i0 + r) * kLanes, acc[r]);
-    if (_mm512_cmp_ps_mask(acc[r], thr, _CMP_GT_OQ)) hits[nh++] = int32_t(i0 + r);
-  }
-  return nh;
+RS_AVX512 int64_t score_tile_row(const float* q, float thr, const float* x, int64_t ldx,
+                                 int64_t n, int64_t d, float* scores, int32_t* hits) {
+  return score_rows(q, thr, x, ldx, n, d, scores, hits);
 }
 
-RS_AVX512 int64_t score_tile_lanes(const float* qt, const float* thr, const float* x, int64_t ldx,
-                                   int64_t n, int64_t d, float* scores, int32_t* hits) {
-  const __m512 t = _mm512_loadu_ps(thr);
-  int64_t nh = 0, i = 0;
-  for (; i + 12 <= n; i += 12) nh += lanes_block<12>(qt, t, x, ldx, i, d, scores, hits + nh);
-  for (; i < n; ++i) nh += lanes_block<1>(qt, t, x, ldx, i, d, scores, hits + nh);
+RS_AVX512 int64_t score_tile_row_f16(const float* q, float thr, const uint16_t* x, int64_t ldx,
+                                     int64_t n, int64_t d, float* scores, int32_t* hits) {
+  return score_rows(q, thr, x, ldx, n, d, scores, hits);
+}
+
+// R items x G lane groups: each item value is broadcast once and multiplied
+// into G query vectors, so loads per FMA drop as G grows.
+template <int R, int G>
+RS_AVX512 inline void lanes_block(const float* qt, int64_t w, int64_t l0, const __m512* thr,
+                                  const float* x, int64_t ldx, int64_t i0, int64_t d,
+                                  float* scores, int32_t* flags) {
+  __m512 acc[R][G];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_ps();
+  const float* xr = x + i0 * ldx;
+  for (int64_t j = 0; j < d; ++j) {
+    __m512 qv[G];
+    for (int g = 0; g < G; ++g) qv[g] = _mm512_loadu_ps(qt + j * w + l0 + g * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const __m512 b = _mm512_set1_ps(xr[r * ldx + j]);
+      for (int g = 0; g < G; ++g) acc[r][g] = _mm512_fmadd_ps(b, qv[g], acc[r][g]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) {
+      _mm512_storeu_ps(scores + (i0 + r) * w + l0 + g * kLanes, acc[r][g]);
+      if (_mm512_cmp_ps_mask(acc[r][g], thr[g], _CMP_GT_OQ)) flags[i0 + r] = 1;
+    }
+}
+
+template <int R, int G>
+RS_AVX512 inline void lanes_pass(const float* qt, int64_t w, int64_t l0, const float* thr,
+                                 const float* x, int64_t ldx, int64_t n, int64_t d, float* scores,
+                                 int32_t* flags) {
+  __m512 t[G];
+  for (int g = 0; g < G; ++g) t[g] = _mm512_loadu_ps(thr + l0 + g * kLanes);
+  int64_t i = 0;
+  for (; i + R <= n; i += R) lanes_block<R, G>(qt, w, l0, t, x, ldx, i, d, scores, flags);
+  for (; i < n; ++i) lanes_block<1, G>(qt, w, l0, t, x, ldx, i, d, scores, flags);
+}
+
+RS_AVX512 int64_t score_tile_lanes(const float* qt, int64_t w, const float* thr, const float* x,
+                                   int64_t ldx, int64_t n, int64_t d, float* scores,
+                                   int32_t* hits) {
+  for (int64_t i = 0; i < n; ++i) hits[i] = 0;  // per-row hit flags, compacted below
+  int64_t l0 = 0;
+  for (; l0 + 2 * kLanes <= w; l0 += 2 * kLanes)
+    lanes_pass<12, 2>(qt, w, l0, thr, x, ldx, n, d, scores, hits);
+  if (l0 < w) lanes_pass<12, 1>(qt, w, l0, thr, x, ldx, n, d, scores, hits);
+  int64_t nh = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (hits[i]) hits[nh++] = int32_t(i);
   return nh;
 }
 
@@ -97,37 +173,39 @@ RS_AVX512 void half_to_float_rows(const uint16_t* src, int64_t lds, int64_t n, i
   }
 }
 
-RS_AVX512 void axpy_f32(float w, const float* row, float* acc, int64_t d) {
-  const __m512 wv = _mm512_set1_ps(w);
-  int64_t j = 0;
-  for (; j + kLanes <= d; j += kLanes)
-    _mm512_storeu_ps(acc + j, _mm512_fmadd_ps(wv, _mm512_loadu_ps(row + j), _mm512_loadu_ps(acc + j)));
-  if (j < d) {
-    const __mmask16 m = tail_mask(d - j);
-    _mm512_mask_storeu_ps(acc + j, m,
-                          _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, row + j), _mm512_maskz_loadu_ps(m, acc + j)));
+// One chunk of up to 64 columns (4 registers) pooled over the whole bag.
+template <typename T>
+RS_AVX512 inline void pool_chunk(const char* base, int64_t ld_bytes, const int64_t* idx,
+                                 int64_t lo, int64_t hi, int64_t total, int64_t num_rows,
+                                 const float* w, int64_t c0, int64_t d, float* out, bool prefetch) {
+  __mmask16 m[4];
+  for (int v = 0; v < 4; ++v) m[v] = tail_mask(std::clamp<int64_t>(d - c0 - v * kLanes, 0, kLanes));
+  __m512 acc[4];
+  for (int v = 0; v < 4; ++v) acc[v] = _mm512_setzero_ps();
+  for (int64_t p = lo; p < hi; ++p) {
+    if (prefetch) prefetch_row_ahead(base, ld_bytes, d * int64_t(sizeof(T)), idx, p, total, num_rows);
+    const T* row = reinterpret_cast<const T*>(base + idx[p] * ld_bytes) + c0;
+    const __m512 wv = _mm512_set1_ps(w ? w[p] : 1.f);
+    for (int v = 0; v < 4; ++v) acc[v] = _mm512_fmadd_ps(wv, load16(row + v * kLanes, m[v]), acc[v]);
   }
+  for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(out + c0 + v * kLanes, m[v], acc[v]);
 }
 
-RS_AVX512 void axpy_f16(float w, const uint16_t* row, float* acc, int64_t d) {
-  const __m512 wv = _mm512_set1_ps(w);
-  int64_t j = 0;
-  for (; j + kLanes <= d; j += kLanes) {
-    const __m512 r = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j)));
-    _mm512_storeu_ps(acc + j, _mm512_fmadd_ps(wv, r, _mm512_loadu_ps(acc + j)));
-  }
-  if (j < d) {
-    const __mmask16 m = tail_mask(d - j);
-    const __m512 r = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row + j));
-    _mm512_mask_storeu_ps(acc + j, m, _mm512_fmadd_ps(wv, r, _mm512_maskz_loadu_ps(m, acc + j)));
+RS_AVX512 void pool_rows(const char* base, int64_t ld_bytes, bool half, const int64_t* idx,
+                         int64_t lo, int64_t hi, int64_t total, int64_t num_rows, const float* w,
+                         int64_t d, float* out) {
+  for (int64_t c0 = 0; c0 < d; c0 += 4 * kLanes) {
+    if (half) pool_chunk<uint16_t>(base, ld_bytes, idx, lo, hi, total, num_rows, w, c0, d, out, c0 == 0);
+    else pool_chunk<float>(base, ld_bytes, idx, lo, hi, total, num_rows, w, c0, d, out, c0 == 0);
   }
 }
 
 }  // namespace
 
 const SimdKernels& simd_avx512() {
-  static const SimdKernels k{"avx512",           kLanes,   score_tile_row, score_tile_lanes,
-                             half_to_float_rows, axpy_f32, axpy_f16};
+  static const SimdKernels k{"avx512",         kLanes,           score_tile_row,
+                             score_tile_row_f16, score_tile_lanes, half_to_float_rows,
+                             pool_rows};
   return k;
 }
 #else

@@ -137,20 +137,19 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
   if (block >= lanes) block -= block % lanes;
 
   std::vector<RunningTopK> heaps(size_t(nt * block));
-  std::vector<float> qt;  // transposed lane groups of the current block
+  std::vector<float> qt;  // the current query block transposed, [d][w]
 
   for (int64_t q0 = 0; q0 < num_queries; q0 += block) {
     const int64_t nq = std::min(block, num_queries - q0);
-    const int64_t groups = (nq + lanes - 1) / lanes;
-    // A lane group is worth the transposed kernel when at least a quarter of
-    // its lanes hold real queries; sparse groups score one query at a time.
-    auto group_size = [&](int64_t g) { return std::min<int64_t>(lanes, nq - g * lanes); };
-    auto use_lanes = [&](int64_t g) { return group_size(g) * 4 >= lanes && lanes > 1; };
-    qt.assign(size_t(groups * d * lanes), 0.f);
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t l = 0; l < group_size(g); ++l)
-        for (int64_t j = 0; j < d; ++j)
-          qt[size_t((g * d + j) * lanes + l)] = q_all[(q0 + g * lanes + l) * d + j];
+    // Several queries: the transposed kernel scores `lanes` of them per FMA.
+    // One to three: score row by row (most lanes would be padding).
+    const bool use_lanes = lanes > 1 && nq * 4 >= lanes;
+    const int64_t w = use_lanes ? (nq + lanes - 1) / lanes * lanes : 1;
+    if (use_lanes) {
+      qt.assign(size_t(d * w), 0.f);
+      for (int64_t l = 0; l < nq; ++l)
+        for (int64_t j = 0; j < d; ++j) qt[size_t(j * w + l)] = q_all[(q0 + l) * d + j];
+    }
     for (auto& h : heaps) h.reset(cap);
 
 #pragma omp parallel num_threads(nt)
@@ -160,50 +159,45 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
       const int64_t lo = std::min<int64_t>(num_items, t * per);
       const int64_t hi = std::min<int64_t>(num_items, lo + per);
       RunningTopK* my = heaps.data() + t * block;
-      std::vector<float> widened(half ? size_t(kTile * d) : 0);
-      std::vector<float> scores(size_t(kTile * lanes));
+      std::vector<float> widened(half && use_lanes ? size_t(kTile * d) : 0);
+      std::vector<float> scores(size_t(kTile * w));
       std::vector<int32_t> hits(static_cast<size_t>(kTile));
-      std::vector<float> thr(static_cast<size_t>(lanes));
+      std::vector<float> thr(static_cast<size_t>(w));
 
       for (int64_t start = lo; start < hi; start += kTile) {
         const int64_t n = std::min(kTile, hi - start);
-        const float* x;
-        int64_t ld;
-        if (half) {
-          sk.half_to_float_rows(items.ptr<uint16_t>() + start * ldx, ldx, n, d, widened.data());
-          x = widened.data();
-          ld = d;
+        if (use_lanes) {
+          const float* x = items.ptr<float>() + start * ldx;
+          int64_t ld = ldx;
+          if (half) {  // widen once per tile, reused by every query lane
+            sk.half_to_float_rows(items.ptr<uint16_t>() + start * ldx, ldx, n, d, widened.data());
+            x = widened.data();
+            ld = d;
+          }
+          for (int64_t l = 0; l < w; ++l)
+            thr[l] = l < nq ? my[l].threshold() : std::numeric_limits<float>::infinity();
+          const int64_t nh = sk.score_tile_lanes(qt.data(), w, thr.data(), x, ld, n, d, scores.data(), hits.data());
+          for (int64_t h = 0; h < nh; ++h) {
+            const int64_t i = hits[h];
+            for (int64_t l = 0; l < nq; ++l) {
+              RunningTopK& heap = my[l];
+              const float s = scores[size_t(i * w + l)];
+              if (s > heap.threshold() && !excl.excluded(q0 + l, start + i)) heap.push(s, start + i);
+            }
+          }
         } else {
-          x = items.ptr<float>() + start * ldx;
-          ld = ldx;
-        }
-        for (int64_t g = 0; g < groups; ++g) {
-          const int64_t gs = group_size(g);
-          if (use_lanes(g)) {
-            for (int l = 0; l < lanes; ++l)
-              thr[l] = l < gs ? my[g * lanes + l].threshold() : std::numeric_limits<float>::infinity();
-            const int64_t nh = sk.score_tile_lanes(qt.data() + g * d * lanes, thr.data(), x, ld, n, d,
-                                                   scores.data(), hits.data());
+          for (int64_t l = 0; l < nq; ++l) {
+            RunningTopK& heap = my[l];
+            const float* q = q_all + (q0 + l) * d;
+            const int64_t nh =
+                half ? sk.score_tile_row_f16(q, heap.threshold(), items.ptr<uint16_t>() + start * ldx,
+                                             ldx, n, d, scores.data(), hits.data())
+                     : sk.score_tile_row(q, heap.threshold(), items.ptr<float>() + start * ldx, ldx,
+                                         n, d, scores.data(), hits.data());
             for (int64_t h = 0; h < nh; ++h) {
               const int64_t i = hits[h];
-              for (int64_t l = 0; l < gs; ++l) {
-                RunningTopK& heap = my[g * lanes + l];
-                const float s = scores[size_t(i * lanes + l)];
-                if (s > heap.threshold() && !excl.excluded(q0 + g * lanes + l, start + i))
-                  heap.push(s, start + i);
-              }
-            }
-          } else {
-            for (int64_t l = 0; l < gs; ++l) {
-              const int64_t q = g * lanes + l;
-              RunningTopK& heap = my[q];
-              const int64_t nh = sk.score_tile_row(q_all + (q0 + q) * d, heap.threshold(), x, ld, n,
-                                                   d, scores.data(), hits.data());
-              for (int64_t h = 0; h < nh; ++h) {
-                const int64_t i = hits[h];
-                const float s = scores[size_t(i)];
-                if (s > heap.threshold() && !excl.excluded(q0 + q, start + i)) heap.push(s, start + i);
-              }
+              const float s = scores[size_t(i)];
+              if (s > heap.threshold() && !excl.excluded(q0 + l, start + i)) heap.push(s, start + i);
             }
           }
         }
