@@ -30,16 +30,20 @@ Timer = Callable[[], object]
 def median_ms(contenders: dict[str, Timer], rounds: int, passes: int = 3) -> dict[str, float]:
     """Median wall time of each contender.
 
-    Each contender runs in blocks of back-to-back calls (after a warm-up call), the
-    steady state of a loaded server: interleaving single calls would let each
-    library's OpenMP/BLAS worker threads park while another library runs, and
-    waking parked threads costs ~1 ms on this VM. The blocks rotate over `passes`
-    passes so slow drift on a shared machine hits every contender alike.
+    Each contender runs in blocks of back-to-back calls after two warm-up calls: the
+    steady state of a loaded server. (Interleaving single calls would measure
+    thread wake-ups instead: each library's OpenMP/BLAS workers park while another
+    library runs, and waking them costs ~1 ms on this VM.) Before each block the
+    benchmark sleeps briefly so the previous library's spinning workers (OpenBLAS
+    spins for a long time) stop competing for the cores. Blocks rotate over
+    `passes` passes so slow drift on a shared machine hits every contender alike.
     """
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     per_pass = max(1, -(-rounds // passes))
     for _ in range(passes):
         for name, fn in contenders.items():
+            time.sleep(0.3)
+            fn()
             fn()
             for _ in range(per_pass):
                 t0 = time.perf_counter()

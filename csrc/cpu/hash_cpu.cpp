@@ -13,10 +13,6 @@ namespace {
 constexpr const char* kOp = "hash_features";
 constexpr int64_t kMinTokensPerThread = 1 << 14;
 
-inline int64_t bucket(uint32_t h, int64_t num_buckets) {
-  return int64_t(uint64_t(h) % uint64_t(num_buckets));
-}
-
 // Encodes UCS-4 code points as UTF-8; returns the byte length, or -1 for a
 // surrogate / out-of-range code point (which Python itself refuses to encode).
 int64_t ucs4_to_utf8(const uint32_t* cps, int64_t n, uint8_t* out) {
@@ -56,15 +52,7 @@ void hash_flat(const TensorView& data, const TensorView& offsets, uint32_t seed,
   int64_t* o = out.ptr<int64_t>();
 #pragma omp parallel for num_threads(threads_for(n, kMinTokensPerThread)) schedule(static)
   for (int64_t i = 0; i < n; ++i)
-    o[i] = bucket(murmur3_32(bytes + off[i], off[i + 1] - off[i], seed), num_buckets);
-}
-
-void hash_spans(const char* const* ptrs, const int64_t* lens, int64_t n, uint32_t seed,
-                int64_t num_buckets, int64_t* out) {
-#pragma omp parallel for num_threads(threads_for(n, kMinTokensPerThread)) schedule(static)
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = bucket(murmur3_32(reinterpret_cast<const uint8_t*>(ptrs[i]), lens[i], seed),
-                    num_buckets);
+    o[i] = murmur3_bucket(bytes + off[i], off[i + 1] - off[i], seed, uint64_t(num_buckets));
 }
 
 void hash_ucs4(const uint32_t* data, int64_t n, int64_t width, uint32_t seed,
@@ -83,7 +71,7 @@ void hash_ucs4(const uint32_t* data, int64_t n, int64_t width, uint32_t seed,
         bad.record(i);
         continue;
       }
-      out[i] = bucket(murmur3_32(buf.data(), nbytes, seed), num_buckets);
+      out[i] = murmur3_bucket(buf.data(), nbytes, seed, uint64_t(num_buckets));
     }
   }
   if (bad.any())
@@ -98,7 +86,7 @@ void hash_fixed_bytes(const uint8_t* data, int64_t n, int64_t width, uint32_t se
     const uint8_t* s = data + i * width;
     int64_t len = width;
     while (len > 0 && s[len - 1] == 0) --len;
-    out[i] = bucket(murmur3_32(s, len, seed), num_buckets);
+    out[i] = murmur3_bucket(s, len, seed, uint64_t(num_buckets));
   }
 }
 

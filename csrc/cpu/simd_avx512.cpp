@@ -44,21 +44,24 @@ RS_AVX512 inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm512_castps512_ps128(_mm512_permutexvar_ps(pick, v));
 }
 
+// dot(q, row) for 8 rows: two groups of 4 accumulators (more independent FMA
+// chains in flight), each group reduced jointly.
 template <typename T>
-RS_AVX512 inline void dot4(const float* q, const T* const* rows, int64_t d, float* out) {
-  __m512 acc[4];
-  for (int r = 0; r < 4; ++r) acc[r] = _mm512_setzero_ps();
+RS_AVX512 inline void dot8(const float* q, const T* const* rows, int64_t d, float* out) {
+  __m512 acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + kLanes <= d; j += kLanes) {
     const __m512 qj = _mm512_loadu_ps(q + j);
-    for (int r = 0; r < 4; ++r) acc[r] = _mm512_fmadd_ps(qj, load16(rows[r] + j), acc[r]);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm512_fmadd_ps(qj, load16(rows[r] + j), acc[r]);
   }
   if (j < d) {
     const __mmask16 m = tail_mask(d - j);
     const __m512 qj = _mm512_maskz_loadu_ps(m, q + j);
-    for (int r = 0; r < 4; ++r) acc[r] = _mm512_fmadd_ps(qj, load16(rows[r] + j, m), acc[r]);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm512_fmadd_ps(qj, load16(rows[r] + j, m), acc[r]);
   }
   _mm_storeu_ps(out, reduce4(acc[0], acc[1], acc[2], acc[3]));
+  _mm_storeu_ps(out + 4, reduce4(acc[4], acc[5], acc[6], acc[7]));
 }
 
 // Streaming rows: prefetch 4 rows this far ahead (the hardware prefetcher alone
@@ -75,14 +78,15 @@ RS_AVX512 inline void prefetch_rows(const T* x, int64_t ldx, int64_t d, int64_t 
 template <typename T>
 RS_AVX512 inline int64_t score_rows(const float* q, float thr, const T* x, int64_t ldx, int64_t n,
                                     int64_t d, float* scores, int32_t* hits) {
-  for (int64_t i = 0; i < n; i += 4) {
+  for (int64_t i = 0; i < n; i += 8) {
     // A short last block repeats the final row, so every row takes the same path.
-    const T* rows[4];
-    for (int r = 0; r < 4; ++r) rows[r] = x + std::min<int64_t>(i + r, n - 1) * ldx;
+    const T* rows[8];
+    for (int r = 0; r < 8; ++r) rows[r] = x + std::min<int64_t>(i + r, n - 1) * ldx;
     prefetch_rows(x, ldx, d, i + kPrefetchRows, n);
-    float out[4];
-    dot4(q, rows, d, out);
-    for (int64_t r = 0; r < 4 && i + r < n; ++r) scores[i + r] = out[r];
+    prefetch_rows(x, ldx, d, i + kPrefetchRows + 4, n);
+    float out[8];
+    dot8(q, rows, d, out);
+    for (int64_t r = 0; r < 8 && i + r < n; ++r) scores[i + r] = out[r];
   }
   // Vectorised filter: almost every row loses against a warm threshold.
   const __m512 t = _mm512_set1_ps(thr);

@@ -31,11 +31,7 @@ __global__ void __launch_bounds__(kThreads)
     if (detail::offsets_entry_bad(off, i, n + 1, len)) detail::record_error(err, i);
     if (i == n) continue;
     const int64_t lo = off[i], hi = off[i + 1];
-    uint32_t h = 0;
-    if (lo >= 0 && lo <= hi && hi <= len) h = murmur3_32(data + lo, hi - lo, seed);
-    // Unsigned modulo, as the CPU kernel; h < 2**32, so 32-bit math is exact
-    // whenever num_buckets fits in 32 bits.
-    out[i] = num_buckets > 0xffffffffull ? int64_t(h) : int64_t(h % uint32_t(num_buckets));
+    out[i] = (lo >= 0 && lo <= hi && hi <= len) ? murmur3_bucket(data + lo, hi - lo, seed, num_buckets) : 0;
   }
 }
 

@@ -58,4 +58,13 @@ RECSERVE_HD uint32_t murmur3_32(const uint8_t* data, int64_t len, uint32_t seed)
   return murmur3_fmix(h);
 }
 
+// The bucket of a token: murmur3_32(token, seed) % num_buckets (num_buckets >= 1),
+// the one definition used by every backend. The hash is < 2**32, so 32-bit
+// unsigned math is exact whenever num_buckets fits in 32 bits (cheaper on GPUs).
+RECSERVE_HD int64_t murmur3_bucket(const uint8_t* data, int64_t len, uint32_t seed,
+                                   uint64_t num_buckets) {
+  const uint32_t h = murmur3_32(data, len, seed);
+  return num_buckets > 0xffffffffull ? int64_t(h) : int64_t(h % uint32_t(num_buckets));
+}
+
 }  // namespace recserve

@@ -14,9 +14,6 @@ namespace cpu {
 // Tokens as flat UTF-8 bytes + int64 offsets[n + 1].
 void hash_flat(const TensorView& data, const TensorView& offsets, uint32_t seed,
                int64_t num_buckets, const TensorView& out);
-// Tokens as (pointer, length) spans into Python str/bytes objects kept alive by the caller.
-void hash_spans(const char* const* ptrs, const int64_t* lens, int64_t n, uint32_t seed,
-                int64_t num_buckets, int64_t* out);
 // NumPy fixed-width 'U' (UCS-4) or 'S' (bytes) arrays: `width` code units per
 // element, trailing NULs are padding (NumPy's own convention).
 void hash_ucs4(const uint32_t* data, int64_t n, int64_t width, uint32_t seed,
