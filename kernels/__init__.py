@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from recserve import _C
 
 __all__ = [
@@ -44,6 +46,8 @@ def _is_cuda_array(x: Any) -> bool:
 
 def _on_cuda(op: str, **arrays: Any) -> bool:
     """True if the arrays are CUDA arrays, False if host arrays; ValueError if mixed."""
+    if all(a is None or isinstance(a, np.ndarray) for a in arrays.values()):
+        return False  # the common case, decided without probing attributes
     where = {name: _is_cuda_array(a) for name, a in arrays.items() if a is not None}
     if not any(where.values()):
         return False

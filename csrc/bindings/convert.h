@@ -14,6 +14,33 @@ namespace recserve::bindings {
 
 namespace py = pybind11;
 
+// A readable dtype name for error messages from an array-interface typestr
+// ("<f8" -> "float64"). Built in C++: str(np.dtype) runs Python code (~µs).
+inline std::string readable_dtype(const std::string& typestr) {
+  if (typestr.size() < 3) return "'" + typestr + "'";
+  const char kind = typestr[1];
+  int nbytes = 0;
+  for (size_t i = 2; i < typestr.size(); ++i) {
+    if (typestr[i] < '0' || typestr[i] > '9') return "'" + typestr + "'";
+    nbytes = nbytes * 10 + (typestr[i] - '0');
+  }
+  const std::string bits = std::to_string(nbytes * 8);
+  std::string name;
+  switch (kind) {
+    case 'f': name = "float" + bits; break;
+    case 'i': name = "int" + bits; break;
+    case 'u': name = "uint" + bits; break;
+    case 'c': name = "complex" + bits; break;
+    case 'b': name = "bool"; break;
+    case 'U': name = "str"; break;
+    case 'S': name = "bytes"; break;
+    case 'O': name = "object"; break;
+    case 'V': name = nbytes == 2 ? "bfloat16 ('" + typestr + "')" : "'" + typestr + "'"; break;
+    default: name = "'" + typestr + "'";
+  }
+  return typestr[0] == '>' ? name + " (big-endian)" : name;
+}
+
 // typestr per the array interface protocol ("<f4", "|u1", ...).
 inline DType dtype_from_typestr(const std::string& ts) {
   if (ts.size() < 3) return DType::other;
@@ -45,7 +72,9 @@ inline TensorView host_view(const py::array& a) {
   t.present = true;
   t.data = const_cast<void*>(a.data());
   t.dtype = dtype_from_numpy(a.dtype());
-  t.dtype_str = py::str(a.dtype()).cast<std::string>();
+  const py::dtype dt = a.dtype();
+  t.dtype_str = readable_dtype(std::string{dt.byteorder() == '>' ? '>' : '<', dt.kind()} +
+                               std::to_string(dt.itemsize()));
   t.ndim = int(a.ndim());
   const auto itemsize = a.itemsize();
   for (int i = 0; i < t.ndim && i < 2; ++i) {
@@ -96,7 +125,7 @@ inline TensorView device_view(const py::handle& obj, const char* op, const char*
   t.data = reinterpret_cast<void*>(data[0].cast<uintptr_t>());
   const std::string typestr = cai["typestr"].cast<std::string>();
   t.dtype = dtype_from_typestr(typestr);
-  t.dtype_str = typestr;
+  t.dtype_str = readable_dtype(typestr);
   py::tuple shape = cai["shape"];
   t.ndim = int(shape.size());
   const int64_t itemsize = dtype_size(t.dtype);

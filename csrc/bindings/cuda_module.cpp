@@ -31,35 +31,8 @@ namespace py = pybind11;
 namespace recserve::bindings {
 namespace {
 
-// "<f8" -> "float64" etc., for error messages (the interface's typestr otherwise).
-std::string readable_dtype(const std::string& typestr) {
-  if (typestr.size() < 3) return "'" + typestr + "'";
-  const char kind = typestr[1];
-  const std::string bytes = typestr.substr(2);
-  int nbytes = 0;
-  try {
-    nbytes = std::stoi(bytes);
-  } catch (...) {
-    return "'" + typestr + "'";
-  }
-  const std::string bits = std::to_string(nbytes * 8);
-  switch (kind) {
-    case 'f': return "float" + bits;
-    case 'i': return "int" + bits;
-    case 'u': return "uint" + bits;
-    case 'c': return "complex" + bits;
-    case 'b': return "bool";
-    case 'V': return nbytes == 2 ? "bfloat16 ('" + typestr + "')" : "'" + typestr + "'";
-    default: return "'" + typestr + "'";
-  }
-}
-
 TensorView cuda_view(const py::handle& obj, const char* op, const char* name) {
-  TensorView t = device_view(obj, op, name);
-  const bool big_endian = !t.dtype_str.empty() && t.dtype_str[0] == '>';
-  t.dtype_str = readable_dtype(t.dtype_str);
-  if (big_endian) t.dtype_str += " (big-endian)";
-  return t;
+  return device_view(obj, op, name);
 }
 
 TensorView optional_cuda_view(const py::object& obj, const char* op, const char* name) {

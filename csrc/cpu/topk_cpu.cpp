@@ -135,6 +135,7 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
   const int64_t per_query_bytes = std::max<int64_t>(cap, 1) * int64_t(sizeof(Entry)) * nt;
   int64_t block = std::clamp<int64_t>(kHeapBudgetBytes / per_query_bytes, 1, kMaxQueryBlock);
   if (block >= lanes) block -= block % lanes;
+  block = std::min(block, num_queries);  // small batches: allocate only what they use
 
   std::vector<RunningTopK> heaps(size_t(nt * block));
   std::vector<float> qt;  // the current query block transposed, [d][w]
