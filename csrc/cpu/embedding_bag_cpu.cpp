@@ -1,7 +1,10 @@
 // Pooled embedding lookup on the CPU: bags in parallel; each bag is validated,
 // then pooled by the SIMD table's pool_rows (float32 accumulators in registers,
 // software prefetch of rows a few indices ahead, across bag boundaries).
+#include <algorithm>
+
 #include "cpu/parallel.h"
+#include "cpu/prefetch.h"
 #include "cpu/simd.h"
 #include "recserve/checks.h"
 #include "recserve/ops.h"
@@ -31,23 +34,39 @@ void embedding_bag(const TensorView& table, const TensorView& indices, const Ten
   const SimdKernels& sk = simd();
   FirstError bad;
 
+  // Each thread pools one contiguous run of bags holding ~1/nt of the indices:
+  // balanced for any bag sizes, and the row prefetch runs ahead through the
+  // thread's own indices without a gap at chunk boundaries.
   const int nt = threads_for((num_indices + num_bags) * d, kMinElementsPerThread);
-#pragma omp parallel for num_threads(nt) schedule(static, 64)
-  for (int64_t b = 0; b < num_bags; ++b) {
-    const int64_t lo = off[b], hi = off[b + 1];
-    float* acc = o + b * d;
-    bool valid = true;
-    for (int64_t p = lo; p < hi && valid; ++p) {
-      if (uint64_t(idx[p]) >= uint64_t(num_rows)) {
-        bad.record(p);
-        valid = false;
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = thread_id();
+    auto first_bag = [&](int part) -> int64_t {
+      if (part == 0) return 0;
+      if (part == nt) return num_bags;
+      const int64_t target = num_indices / nt * part + std::min<int64_t>(part, num_indices % nt);
+      return std::lower_bound(off, off + num_bags, target) - off;
+    };
+    const int64_t b0 = first_bag(t), b1 = std::max(b0, first_bag(t + 1));
+    const int64_t row_bytes = d * (half ? 2 : 4);
+    for (int64_t p = off[b0]; p < std::min(off[b1], off[b0] + kPrefetchDistance); ++p)
+      prefetch_row_ahead(base, ld_bytes, row_bytes, idx, p - kPrefetchDistance, num_indices, num_rows);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t lo = off[b], hi = off[b + 1];
+      float* acc = o + b * d;
+      bool valid = true;
+      for (int64_t p = lo; p < hi && valid; ++p) {
+        if (uint64_t(idx[p]) >= uint64_t(num_rows)) {
+          bad.record(p);
+          valid = false;
+        }
       }
-    }
-    if (!valid) continue;
-    sk.pool_rows(base, ld_bytes, half, idx, lo, hi, num_indices, num_rows, w, d, acc);
-    if (mode == PoolMode::mean && hi > lo) {
-      const float count = float(hi - lo);  // divide (not * 1/count): matches the spec bit for bit
-      for (int64_t j = 0; j < d; ++j) acc[j] /= count;
+      if (!valid) continue;
+      sk.pool_rows(base, ld_bytes, half, idx, lo, hi, num_indices, num_rows, w, d, acc);
+      if (mode == PoolMode::mean && hi > lo) {
+        const float count = float(hi - lo);  // divide (not * 1/count): matches the spec bit for bit
+        for (int64_t j = 0; j < d; ++j) acc[j] /= count;
+      }
     }
   }
   if (bad.any()) {

@@ -8,7 +8,7 @@ namespace recserve::cpu {
 
 // How many indices ahead to prefetch: enough to cover DRAM latency at a few
 // hundred bytes per row, small enough not to evict rows still in use.
-constexpr int64_t kPrefetchDistance = 8;
+constexpr int64_t kPrefetchDistance = 16;
 
 // Prefetches row idx[p + kPrefetchDistance], if there is one and it is a valid
 // row (indices that far ahead have not been validated yet).
