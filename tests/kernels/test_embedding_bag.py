@@ -164,3 +164,16 @@ def test_bad_index_on_device_raises_value_error(device):
     args = {k: device.put(v) for k, v in _eb_args(indices=np.array([0, 1, 99], np.int64)).items()}
     with pytest.raises(ValueError, match=r"indices\[2\] = 99 is out of range"):
         kernels.embedding_bag(**args)
+
+
+def test_skewed_bags_split_across_threads():
+    """Empty bags, one huge bag and many singletons: every thread split must still
+    cover each bag exactly once."""
+    rng = np.random.default_rng(9)
+    table = rng.standard_normal((20_000, 40)).astype(np.float32)
+    sizes = [0] * 100 + [30_000] + [1] * 3000 + [0] * 50 + [7] * 400
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    indices = rng.integers(0, 20_000, size=int(offsets[-1]), dtype=np.int64)
+    for mode in ("sum", "mean"):
+        got = kernels.embedding_bag(table, indices, offsets, mode=mode)
+        np.testing.assert_allclose(got, ref.embedding_bag(table, indices, offsets, mode=mode), rtol=1e-4, atol=1e-3)
