@@ -1,6 +1,7 @@
-// Pooled embedding lookup on the CPU: bags in parallel; each bag is validated,
-// then pooled by the SIMD table's pool_rows (float32 accumulators in registers,
-// software prefetch of rows a few indices ahead, across bag boundaries).
+// Pooled embedding lookup on the CPU: each thread hands one contiguous run of
+// bags to the SIMD table's pool_bags (float32 accumulators in registers, indices
+// checked as they are read, software prefetch of rows a few indices ahead across
+// bag boundaries).
 #include <algorithm>
 
 #include "cpu/parallel.h"
@@ -51,23 +52,9 @@ void embedding_bag(const TensorView& table, const TensorView& indices, const Ten
     const int64_t row_bytes = d * (half ? 2 : 4);
     for (int64_t p = off[b0]; p < std::min(off[b1], off[b0] + kPrefetchDistance); ++p)
       prefetch_row_ahead(base, ld_bytes, row_bytes, idx, p - kPrefetchDistance, num_indices, num_rows);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t lo = off[b], hi = off[b + 1];
-      float* acc = o + b * d;
-      bool valid = true;
-      for (int64_t p = lo; p < hi && valid; ++p) {
-        if (uint64_t(idx[p]) >= uint64_t(num_rows)) {
-          bad.record(p);
-          valid = false;
-        }
-      }
-      if (!valid) continue;
-      sk.pool_rows(base, ld_bytes, half, idx, lo, hi, num_indices, num_rows, w, d, acc);
-      if (mode == PoolMode::mean && hi > lo) {
-        const float count = float(hi - lo);  // divide (not * 1/count): matches the spec bit for bit
-        for (int64_t j = 0; j < d; ++j) acc[j] /= count;
-      }
-    }
+    const int64_t p = sk.pool_bags(base, ld_bytes, half, idx, off, b0, b1, num_indices, num_rows,
+                                   w, mode == PoolMode::mean, d, o);
+    if (p >= 0) bad.record(p);
   }
   if (bad.any()) {
     const int64_t p = bad.get();

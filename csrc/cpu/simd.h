@@ -36,13 +36,16 @@ struct SimdKernels {
   // dst[i * d + j] = float(src[i * lds + j]) for IEEE binary16 src.
   void (*half_to_float_rows)(const uint16_t* src, int64_t lds, int64_t n, int64_t d, float* dst);
 
-  // out[j] = sum over p in [lo, hi) of w[p] * row(idx[p])[j] (w == nullptr: all 1),
-  // rows at base + idx[p] * ld_bytes, float32 or binary16 (`half`). Indices must be
-  // valid. Accumulators stay in registers across the bag; rows idx[p + ahead] are
-  // prefetched for every p with p + ahead < total, across bag boundaries.
-  void (*pool_rows)(const char* base, int64_t ld_bytes, bool half, const int64_t* idx,
-                    int64_t lo, int64_t hi, int64_t total, int64_t num_rows, const float* w,
-                    int64_t d, float* out);
+  // Pools bags [b0, b1): out[b][j] = sum over p in [off[b], off[b + 1]) of
+  // w[p] * row(idx[p])[j] (w == nullptr: all 1; mean: divided by the bag size;
+  // empty bag: zeros), rows at base + idx[p] * ld_bytes, float32 or binary16
+  // (`half`). Each column is summed in bag order with a multiply and an add (two
+  // roundings, as the spec), accumulators in registers. Rows idx[p + ahead] are
+  // prefetched while p is pooled. Returns -1, or the first position p whose
+  // index is outside [0, num_rows) (pooling stops there).
+  int64_t (*pool_bags)(const char* base, int64_t ld_bytes, bool half, const int64_t* idx,
+                       const int64_t* off, int64_t b0, int64_t b1, int64_t num_indices,
+                       int64_t num_rows, const float* w, bool mean, int64_t d, float* out);
 };
 
 const SimdKernels& simd_scalar();

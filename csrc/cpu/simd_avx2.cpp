@@ -145,24 +145,33 @@ RS_AVX2 void half_to_float_rows(const uint16_t* src, int64_t lds, int64_t n, int
   }
 }
 
-// One chunk of up to 32 columns (4 registers) pooled over the whole bag.
+// Columns [c0, c0 + 32) of one bag in 4 registers. Returns -1 or a bad position.
 template <typename T>
-RS_AVX2 inline void pool_chunk(const char* base, int64_t ld_bytes, const int64_t* idx, int64_t lo,
-                               int64_t hi, int64_t total, int64_t num_rows, const float* w,
-                               int64_t c0, int64_t d, float* out, bool prefetch) {
+RS_AVX2 inline int64_t pool_chunk(const char* base, int64_t ld_bytes, const int64_t* idx,
+                                  int64_t lo, int64_t hi, int64_t num_indices, int64_t num_rows,
+                                  const float* w, bool mean, int64_t c0, int64_t d, float* out,
+                                  bool first_chunk) {
   int64_t cols[4];
   for (int v = 0; v < 4; ++v) cols[v] = std::clamp<int64_t>(d - c0 - v * kLanes, 0, kLanes);
   __m256 acc[4];
   for (int v = 0; v < 4; ++v) acc[v] = _mm256_setzero_ps();
   for (int64_t p = lo; p < hi; ++p) {
-    if (prefetch) prefetch_row_ahead(base, ld_bytes, d * int64_t(sizeof(T)), idx, p, total, num_rows);
+    if (first_chunk) {
+      if (uint64_t(idx[p]) >= uint64_t(num_rows)) return p;
+      prefetch_row_ahead(base, ld_bytes, d * int64_t(sizeof(T)), idx, p, num_indices, num_rows);
+    }
     const T* row = reinterpret_cast<const T*>(base + idx[p] * ld_bytes) + c0;
     const __m256 wv = _mm256_set1_ps(w ? w[p] : 1.f);
     for (int v = 0; v < 4; ++v) {
       if (cols[v] == 0) break;
       const __m256 x = cols[v] == kLanes ? load8(row + v * kLanes) : load8_tail(row + v * kLanes, cols[v]);
-      acc[v] = _mm256_fmadd_ps(wv, x, acc[v]);
+      // Multiply, then add (no FMA): the same two roundings as the spec, bit for bit.
+      acc[v] = _mm256_add_ps(acc[v], w ? _mm256_mul_ps(wv, x) : x);
     }
+  }
+  if (mean && hi > lo) {
+    const __m256 count = _mm256_set1_ps(float(hi - lo));
+    for (int v = 0; v < 4; ++v) acc[v] = _mm256_div_ps(acc[v], count);
   }
   for (int v = 0; v < 4 && cols[v] > 0; ++v) {
     if (cols[v] == kLanes) {
@@ -171,15 +180,23 @@ RS_AVX2 inline void pool_chunk(const char* base, int64_t ld_bytes, const int64_t
       _mm256_maskstore_ps(out + c0 + v * kLanes, tail_mask(cols[v]), acc[v]);
     }
   }
+  return -1;
 }
 
-RS_AVX2 void pool_rows(const char* base, int64_t ld_bytes, bool half, const int64_t* idx,
-                       int64_t lo, int64_t hi, int64_t total, int64_t num_rows, const float* w,
-                       int64_t d, float* out) {
-  for (int64_t c0 = 0; c0 < d; c0 += 4 * kLanes) {
-    if (half) pool_chunk<uint16_t>(base, ld_bytes, idx, lo, hi, total, num_rows, w, c0, d, out, c0 == 0);
-    else pool_chunk<float>(base, ld_bytes, idx, lo, hi, total, num_rows, w, c0, d, out, c0 == 0);
+RS_AVX2 int64_t pool_bags(const char* base, int64_t ld_bytes, bool half, const int64_t* idx,
+                          const int64_t* off, int64_t b0, int64_t b1, int64_t num_indices,
+                          int64_t num_rows, const float* w, bool mean, int64_t d, float* out) {
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t c0 = 0; c0 < d; c0 += 4 * kLanes) {
+      const int64_t bad =
+          half ? pool_chunk<uint16_t>(base, ld_bytes, idx, off[b], off[b + 1], num_indices, num_rows,
+                                      w, mean, c0, d, out + b * d, c0 == 0)
+               : pool_chunk<float>(base, ld_bytes, idx, off[b], off[b + 1], num_indices, num_rows, w,
+                                   mean, c0, d, out + b * d, c0 == 0);
+      if (bad >= 0) return bad;
+    }
   }
+  return -1;
 }
 
 }  // namespace
@@ -187,7 +204,7 @@ RS_AVX2 void pool_rows(const char* base, int64_t ld_bytes, bool half, const int6
 const SimdKernels& simd_avx2() {
   static const SimdKernels k{"avx2",             kLanes,           score_tile_row,
                              score_tile_row_f16, score_tile_lanes, half_to_float_rows,
-                             pool_rows};
+                             pool_bags};
   return k;
 }
 #else

@@ -177,31 +177,69 @@ RS_AVX512 void half_to_float_rows(const uint16_t* src, int64_t lds, int64_t n, i
   }
 }
 
-// One chunk of up to 64 columns (4 registers) pooled over the whole bag.
+// Columns [c0, c0 + 64) of one bag in 4 registers. Returns -1 or a bad position.
 template <typename T>
-RS_AVX512 inline void pool_chunk(const char* base, int64_t ld_bytes, const int64_t* idx,
-                                 int64_t lo, int64_t hi, int64_t total, int64_t num_rows,
-                                 const float* w, int64_t c0, int64_t d, float* out, bool prefetch) {
-  __mmask16 m[4];
-  for (int v = 0; v < 4; ++v) m[v] = tail_mask(std::clamp<int64_t>(d - c0 - v * kLanes, 0, kLanes));
+RS_AVX512 inline int64_t pool_chunk(const char* base, int64_t ld_bytes, const int64_t* idx,
+                                    int64_t lo, int64_t hi, int64_t num_indices, int64_t num_rows,
+                                    const float* w, bool mean, const __mmask16* m, int64_t c0,
+                                    int64_t d, float* out, bool first_chunk) {
   __m512 acc[4];
   for (int v = 0; v < 4; ++v) acc[v] = _mm512_setzero_ps();
   for (int64_t p = lo; p < hi; ++p) {
-    if (prefetch) prefetch_row_ahead(base, ld_bytes, d * int64_t(sizeof(T)), idx, p, total, num_rows);
+    if (first_chunk) {
+      if (uint64_t(idx[p]) >= uint64_t(num_rows)) return p;
+      prefetch_row_ahead(base, ld_bytes, d * int64_t(sizeof(T)), idx, p, num_indices, num_rows);
+    }
     const T* row = reinterpret_cast<const T*>(base + idx[p] * ld_bytes) + c0;
-    const __m512 wv = _mm512_set1_ps(w ? w[p] : 1.f);
-    for (int v = 0; v < 4; ++v) acc[v] = _mm512_fmadd_ps(wv, load16(row + v * kLanes, m[v]), acc[v]);
+    // Multiply, then add (no FMA): the same two roundings as the spec, bit for bit.
+    if (w) {
+      const __m512 wv = _mm512_set1_ps(w[p]);
+      for (int v = 0; v < 4; ++v)
+        acc[v] = _mm512_add_ps(acc[v], _mm512_mul_ps(wv, load16(row + v * kLanes, m[v])));
+    } else {
+      for (int v = 0; v < 4; ++v) acc[v] = _mm512_add_ps(acc[v], load16(row + v * kLanes, m[v]));
+    }
+  }
+  if (mean && hi > lo) {
+    const __m512 count = _mm512_set1_ps(float(hi - lo));
+    for (int v = 0; v < 4; ++v) acc[v] = _mm512_div_ps(acc[v], count);
   }
   for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(out + c0 + v * kLanes, m[v], acc[v]);
+  return -1;
 }
 
-RS_AVX512 void pool_rows(const char* base, int64_t ld_bytes, bool half, const int64_t* idx,
-                         int64_t lo, int64_t hi, int64_t total, int64_t num_rows, const float* w,
-                         int64_t d, float* out) {
-  for (int64_t c0 = 0; c0 < d; c0 += 4 * kLanes) {
-    if (half) pool_chunk<uint16_t>(base, ld_bytes, idx, lo, hi, total, num_rows, w, c0, d, out, c0 == 0);
-    else pool_chunk<float>(base, ld_bytes, idx, lo, hi, total, num_rows, w, c0, d, out, c0 == 0);
+template <typename T>
+RS_AVX512 inline int64_t pool_bags_t(const char* base, int64_t ld_bytes, const int64_t* idx,
+                                     const int64_t* off, int64_t b0, int64_t b1,
+                                     int64_t num_indices, int64_t num_rows, const float* w,
+                                     bool mean, int64_t d, float* out) {
+  const int64_t chunks = (d + 4 * kLanes - 1) / (4 * kLanes);
+  __mmask16 masks[4 * 8];  // up to 512 columns precomputed; wider tables recompute
+  const int64_t cached = std::min<int64_t>(chunks, 8);
+  for (int64_t c = 0; c < cached * 4; ++c)
+    masks[c] = tail_mask(std::clamp<int64_t>(d - c * kLanes, 0, kLanes));
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      __mmask16 local[4];
+      const __mmask16* m = masks + 4 * c;
+      if (c >= cached) {
+        for (int v = 0; v < 4; ++v)
+          local[v] = tail_mask(std::clamp<int64_t>(d - (4 * c + v) * kLanes, 0, kLanes));
+        m = local;
+      }
+      const int64_t bad = pool_chunk<T>(base, ld_bytes, idx, off[b], off[b + 1], num_indices,
+                                        num_rows, w, mean, m, c * 4 * kLanes, d, out + b * d, c == 0);
+      if (bad >= 0) return bad;
+    }
   }
+  return -1;
+}
+
+RS_AVX512 int64_t pool_bags(const char* base, int64_t ld_bytes, bool half, const int64_t* idx,
+                            const int64_t* off, int64_t b0, int64_t b1, int64_t num_indices,
+                            int64_t num_rows, const float* w, bool mean, int64_t d, float* out) {
+  return half ? pool_bags_t<uint16_t>(base, ld_bytes, idx, off, b0, b1, num_indices, num_rows, w, mean, d, out)
+              : pool_bags_t<float>(base, ld_bytes, idx, off, b0, b1, num_indices, num_rows, w, mean, d, out);
 }
 
 }  // namespace
@@ -209,7 +247,7 @@ RS_AVX512 void pool_rows(const char* base, int64_t ld_bytes, bool half, const in
 const SimdKernels& simd_avx512() {
   static const SimdKernels k{"avx512",         kLanes,           score_tile_row,
                              score_tile_row_f16, score_tile_lanes, half_to_float_rows,
-                             pool_rows};
+                             pool_bags};
   return k;
 }
 #else

@@ -54,22 +54,31 @@ void half_to_float_rows(const uint16_t* src, int64_t lds, int64_t n, int64_t d, 
     for (int64_t j = 0; j < d; ++j) dst[i * d + j] = half_to_float(src[i * lds + j]);
 }
 
-void pool_rows(const char* base, int64_t ld_bytes, bool half, const int64_t* idx, int64_t lo,
-               int64_t hi, int64_t total, int64_t num_rows, const float* w, int64_t d, float* out) {
-  for (int64_t j = 0; j < d; ++j) out[j] = 0.f;
+int64_t pool_bags(const char* base, int64_t ld_bytes, bool half, const int64_t* idx,
+                  const int64_t* off, int64_t b0, int64_t b1, int64_t num_indices, int64_t num_rows,
+                  const float* w, bool mean, int64_t d, float* out) {
   const int64_t row_bytes = d * (half ? 2 : 4);
-  for (int64_t p = lo; p < hi; ++p) {
-    prefetch_row_ahead(base, ld_bytes, row_bytes, idx, p, total, num_rows);
-    const char* row = base + idx[p] * ld_bytes;
-    const float wt = w ? w[p] : 1.f;
-    if (half) {
-      const uint16_t* r = reinterpret_cast<const uint16_t*>(row);
-      for (int64_t j = 0; j < d; ++j) out[j] += wt * half_to_float(r[j]);
-    } else {
-      const float* r = reinterpret_cast<const float*>(row);
-      for (int64_t j = 0; j < d; ++j) out[j] += wt * r[j];
+  for (int64_t b = b0; b < b1; ++b) {
+    float* acc = out + b * d;
+    for (int64_t j = 0; j < d; ++j) acc[j] = 0.f;
+    for (int64_t p = off[b]; p < off[b + 1]; ++p) {
+      if (uint64_t(idx[p]) >= uint64_t(num_rows)) return p;
+      prefetch_row_ahead(base, ld_bytes, row_bytes, idx, p, num_indices, num_rows);
+      const char* row = base + idx[p] * ld_bytes;
+      const float wt = w ? w[p] : 1.f;
+      if (half) {
+        const uint16_t* r = reinterpret_cast<const uint16_t*>(row);
+        for (int64_t j = 0; j < d; ++j) acc[j] += wt * half_to_float(r[j]);
+      } else {
+        const float* r = reinterpret_cast<const float*>(row);
+        for (int64_t j = 0; j < d; ++j) acc[j] += wt * r[j];
+      }
     }
+    const int64_t count = off[b + 1] - off[b];
+    if (mean && count > 0)
+      for (int64_t j = 0; j < d; ++j) acc[j] /= float(count);
   }
+  return -1;
 }
 
 }  // namespace
@@ -77,7 +86,7 @@ void pool_rows(const char* base, int64_t ld_bytes, bool half, const int64_t* idx
 const SimdKernels& simd_scalar() {
   static const SimdKernels k{"scalar",         kLanes,           score_tile_row,
                              score_tile_row_f16, score_tile_lanes, half_to_float_rows,
-                             pool_rows};
+                             pool_bags};
   return k;
 }
 
