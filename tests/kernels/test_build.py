@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,44 @@ def test_isa_can_be_lowered_and_restored():
     finally:
         _C._set_isa("best")
     assert _C._isa() == supported[-1]
+
+
+def _cmake() -> str:
+    beside_python = Path(sys.executable).with_name("cmake")
+    found = str(beside_python) if beside_python.exists() else shutil.which("cmake")
+    if found is None:
+        pytest.skip("cmake is not installed")
+    return found
+
+
+def _configure(tmp_path, *defines: str) -> subprocess.CompletedProcess:
+    import pybind11
+
+    repo = Path(__file__).resolve().parents[2]
+    if not (repo / "CMakeLists.txt").exists():
+        pytest.skip("the tests are not running from a source checkout")
+    return subprocess.run(
+        [_cmake(), "-S", str(repo), "-B", str(tmp_path / "build"), f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+         f"-DPython_EXECUTABLE={sys.executable}", *defines],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_cmake_rejects_an_unknown_cuda_mode(tmp_path):
+    result = _configure(tmp_path, "-DRECSERVE_CUDA=MAYBE")
+    assert result.returncode != 0
+    assert "RECSERVE_CUDA must be AUTO, ON or OFF, got 'MAYBE'" in result.stdout + result.stderr
+
+
+def test_cmake_off_builds_the_cpu_module_only(tmp_path):
+    result = _configure(tmp_path, "-DRECSERVE_CUDA=OFF")
+    assert result.returncode == 0, result.stderr
+    assert "recserve: CUDA kernels OFF (RECSERVE_CUDA=OFF)" in result.stdout
+
+
+def test_cmake_on_without_nvcc_fails_with_the_fix(tmp_path):
+    if shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists():
+        pytest.skip("a CUDA compiler is on this machine, so RECSERVE_CUDA=ON would succeed")
+    result = _configure(tmp_path, "-DRECSERVE_CUDA=ON")
+    assert result.returncode != 0
+    assert "RECSERVE_CUDA=ON but no CUDA compiler was found" in result.stdout + result.stderr
