@@ -192,3 +192,17 @@ def test_cuda_k_limit(cuda_device):
     device = cuda_device
     with pytest.raises(ValueError, match="k must be <= 1024 on CUDA"):
         kernels.topk_inner_product(device.put(np.zeros((1, 4), np.float32)), device.put(np.zeros((3, 4), np.float32)), 1025)
+
+
+def test_concurrent_calls_from_python_threads_agree():
+    """The server calls kernels from executor threads at once (GIL released)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(11)
+    items = rng.integers(-3, 3, size=(40_000, 16)).astype(np.float32)
+    queries = rng.integers(-3, 3, size=(5, 16)).astype(np.float32)
+    expected = ref.topk_inner_product(queries, items, 50)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda _: kernels.topk_inner_product(queries, items, 50), range(24)))
+    for got in results:
+        _check_exact(got, expected)
