@@ -113,6 +113,13 @@ def topk_inner_product(queries, items, k: int, *, exclude_indptr=None, exclude_i
     for query b in ``exclude_ids[exclude_indptr[b]:exclude_indptr[b + 1]]`` are never
     returned, and neither is an item whose score is NaN or -inf. When fewer than k
     items are eligible, the tail holds id -1 and score -inf.
+
+    This spec scores in float64 and rounds once; the kernels accumulate in float32
+    (in an order of their choosing). The two agree exactly when every partial sum is
+    exact in float32 (e.g. small-integer data, as the parity tests use) and within
+    float32 rounding otherwise — so near-ties may order differently, and a dot
+    product whose float32 partial sums overflow differs (inf instead of a finite
+    value). -0.0 and +0.0 compare equal and may come back as either.
     """
     queries = np.asarray(queries, dtype=np.float32)
     items = np.asarray(items)

@@ -37,7 +37,9 @@
       ::recserve::cuda::detail::throw_cuda_error(recserve_err_, #expr, __FILE__, __LINE__); \
   } while (0)
 
-// After a <<<...>>> launch: reports bad launch configurations immediately.
+// After a <<<...>>> launch: reports bad launch configurations immediately. (Every
+// runtime call here is checked and a failed one clears the error state, so the
+// error read back belongs to this launch.)
 #define RECSERVE_CUDA_CHECK_LAUNCH() RECSERVE_CUDA_CHECK(cudaGetLastError())
 
 namespace recserve::cuda::detail {
@@ -110,8 +112,10 @@ inline bool aligned(const void* p, int64_t bytes) {
 }
 
 // Bytes a pool keeps cached across synchronisations (beyond this, freed memory
-// goes back to the driver at the next synchronisation).
-constexpr uint64_t kPoolReleaseThreshold = uint64_t(64) << 20;
+// goes back to the driver at the next synchronisation). Covers the largest top-k
+// workspace (256 MiB of partial lists, topk.cu) plus its exclusion table, so
+// repeated calls do not map and unmap it each time.
+constexpr uint64_t kPoolReleaseThreshold = uint64_t(320) << 20;
 
 // recserve's memory pool for `dev`, created on first use; nullptr when the
 // device does not support stream-ordered allocation.
@@ -187,13 +191,6 @@ class Workspace {
   cudaStream_t stream_;
   bool async_ = false;
 };
-
-// Copies n error flags back and waits for the stream: the op's one host sync.
-inline void read_flags(const u64* dev_flags, u64* host_flags, int n, cudaStream_t stream) {
-  RECSERVE_CUDA_CHECK(cudaMemcpyAsync(host_flags, dev_flags, sizeof(u64) * size_t(n),
-                                      cudaMemcpyDeviceToHost, stream));
-  RECSERVE_CUDA_CHECK(cudaStreamSynchronize(stream));
-}
 
 // One int64 of a device array (error path only).
 inline int64_t read_i64(const int64_t* dev, int64_t index, cudaStream_t stream) {

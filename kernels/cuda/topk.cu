@@ -62,9 +62,9 @@ constexpr int kMaxQueryTile = 8;              // queries per stage-1 block when 
 constexpr int kColBlock = 512;                // query columns staged in shared memory at once
 // Row bytes each thread loads per unrolled step (all in flight at once): more for
 // one query (memory-bound), less for a query tile (register pressure).
-constexpr int chunk_bytes(int qbt) { return qbt == 1 ? 128 : 64; }
+__host__ __device__ constexpr int chunk_bytes(int qbt) { return qbt == 1 ? 128 : 64; }
 // Stage-1 blocks per SM the register allocation must allow (__launch_bounds__).
-constexpr int min_blocks_per_sm(int qbt) { return qbt == 1 ? 4 : 2; }
+__host__ __device__ constexpr int min_blocks_per_sm(int qbt) { return qbt == 1 ? 4 : 2; }
 constexpr int64_t kMinChunk = 1024;           // fewest items per stage-1 block
 constexpr int64_t kMaxChunkMultiQuery = 32768;  // items per chunk when several query tiles share it
 constexpr int64_t kMaxChunks = 1024;          // partial lists per query (stage-2 smem)

@@ -92,6 +92,9 @@ def test_non_contiguous_inputs_and_row_strided_table():
     expected = ref.embedding_bag(table, indices, offsets)
     np.testing.assert_array_equal(kernels.embedding_bag(table, strided_indices, offsets), expected)
     np.testing.assert_array_equal(kernels.embedding_bag(col_strided, indices, offsets), expected)
+    reversed_rows = table[::-1]  # negative row stride: copied, never read backwards
+    np.testing.assert_array_equal(kernels.embedding_bag(reversed_rows, indices, offsets),
+                                  ref.embedding_bag(reversed_rows, indices, offsets))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])

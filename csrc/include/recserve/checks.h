@@ -39,6 +39,10 @@ inline void check_float_table(const char* op, const char* name, const TensorView
   check_ndim(op, name, t, 2);
   if (t.dtype != DType::f32 && t.dtype != DType::f16)
     arg_error(op, name, " must be float32 or float16, got ", t.dtype_str);
+  // Negative, or not a whole number of elements (stored as -1): the Python layer
+  // copies such views; a direct caller gets an error, never an out-of-bounds read.
+  if (t.shape[0] > 1 && t.stride[0] < 0)
+    arg_error(op, name, " must have a non-negative row stride that is a whole number of elements");
 }
 
 // CSR-style offsets: 1-D int64 of length `n_segments + 1` (n_segments unknown
