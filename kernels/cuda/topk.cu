@@ -551,6 +551,7 @@ Stage1Kernel pick_stage1(DType dtype, int w) {
   if (dtype == DType::f32) {
     switch (w) {
       case 4: return topk_stage1<float, 4, QBT>;
+      case 2: return topk_stage1<float, 2, QBT>;  // rows only 8-byte aligned (odd d / 2)
       default: return topk_stage1<float, 1, QBT>;
     }
   }
