@@ -54,27 +54,19 @@ inline DType dtype_from_typestr(const std::string& ts) {
   return DType::other;
 }
 
-inline DType dtype_from_numpy(const py::dtype& dt) {
-  if (dt.byteorder() == '>') return DType::other;
-  const char kind = dt.kind();
-  const auto size = dt.itemsize();
-  if (kind == 'f' && size == 4) return DType::f32;
-  if (kind == 'f' && size == 2) return DType::f16;
-  if (kind == 'i' && size == 8) return DType::i64;
-  if (kind == 'u' && size == 1) return DType::u8;
-  return DType::other;
-}
-
 // View of a NumPy array. Shapes/strides are taken as they are; rank > 2 is
 // reported with its real rank by the checks.
 inline TensorView host_view(const py::array& a) {
   TensorView t;
   t.present = true;
   t.data = const_cast<void*>(a.data());
-  t.dtype = dtype_from_numpy(a.dtype());
+  // One dtype mapping for both bindings: describe the NumPy dtype as an
+  // array-interface typestr ("<f4").
   const py::dtype dt = a.dtype();
-  t.dtype_str = readable_dtype(std::string{dt.byteorder() == '>' ? '>' : '<', dt.kind()} +
-                               std::to_string(dt.itemsize()));
+  const std::string typestr =
+      std::string{dt.byteorder() == '>' ? '>' : '<', dt.kind()} + std::to_string(dt.itemsize());
+  t.dtype = dtype_from_typestr(typestr);
+  t.dtype_str = readable_dtype(typestr);
   t.ndim = int(a.ndim());
   const auto itemsize = a.itemsize();
   for (int i = 0; i < t.ndim && i < 2; ++i) {
