@@ -3,7 +3,7 @@
 #   make test        .venv (created if missing) + editable install with test extras + pytest
 #   make bench       benchmarks in bench/ (installs the bench extras: torch, faiss-cpu)
 #   make cuda-check  builds the CUDA kernels with NVIDIA's nvcc from PyPI (no GPU needed)
-#                    into a second venv and runs the test suite against that build
+#                    into a second venv and runs the kernel tests against that build
 #
 # RECSERVE_CUDA=AUTO|ON|OFF picks the CUDA build for `make test` (default AUTO:
 # CUDA kernels only when nvcc is found).
@@ -28,14 +28,14 @@ $(PY):
 # rebuild after editing C++ is incremental (build/<wheel tag>) and takes seconds.
 $(VENV)/.installed: $(PY) $(NATIVE_SOURCES)
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja
-	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PIP) install -q --no-build-isolation -e ".[test,trainer]"
 	touch $@
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
-	$(PIP) install -q -e ".[bench]" --no-build-isolation
+	$(PIP) install -q --no-build-isolation -e ".[bench,trainer]"
 	$(PY) bench/kernels.py
 
 # A non-editable wheel built with RECSERVE_CUDA=ON in its own venv: proves every
@@ -48,7 +48,7 @@ cuda-check:
 	NVCC=$$($(CUDA_PY) -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'bin', 'nvcc'))"); \
 	RECSERVE_CUDA=ON $(CUDA_PIP) install -q --no-build-isolation -Cbuild-dir=build/cuda-check \
 	    -Ccmake.define.CMAKE_CUDA_COMPILER=$$NVCC ".[test]"
-	RECSERVE_EXPECT_CUDA_BUILD=1 $(CUDA_PY) -m pytest $(PYTEST_ARGS)
+	RECSERVE_EXPECT_CUDA_BUILD=1 $(CUDA_PY) -m pytest tests/kernels $(PYTEST_ARGS)
 
 clean:
 	rm -rf build dist $(VENV) $(CUDA_VENV) .pytest_cache

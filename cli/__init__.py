@@ -1,0 +1,1 @@
+"""The `recserve` command line."""

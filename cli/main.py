@@ -1,0 +1,130 @@
+"""The ``recserve`` command line.
+
+    recserve train --interactions data/interactions.csv.gz --items data/items.csv.gz --run runs/retail
+    recserve train --run runs/retail --resume
+    recserve evaluate runs/retail [--baselines popularity,mf] [--test heldout.csv]
+    recserve export runs/retail --repository models --model retail [--backend onnx,tensorrt]
+    torchrun --nproc_per_node=2 -m recserve.cli.main train ...
+
+Each verb imports its implementation lazily (only train/evaluate/export load torch). Errors
+print one line, ``recserve <verb>: error: ...``, and exit with status 1 (2 for bad usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _cmd_train(args) -> None:
+    from recserve.trainer.config import TrainConfig
+    from recserve.trainer.train import CONFIG, train
+
+    run = Path(args.run)
+    if args.resume:
+        if not (run / CONFIG).exists():
+            raise CliError(f"{run}: nothing to resume (no {CONFIG})")
+        cfg = TrainConfig.from_json(run / CONFIG)
+        if args.epochs:  # extend a finished run
+            cfg = cfg.replace(epochs=args.epochs)
+    else:
+        base = TrainConfig.from_json(args.config).to_dict() if args.config else {}
+        overrides = {k: v for k, v in {
+            "interactions": args.interactions, "items": args.items, "epochs": args.epochs,
+            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "split": args.split,
+            "model": args.model, "threads": args.threads,
+        }.items() if v is not None}
+        base.update(overrides)
+        if "interactions" not in base:
+            raise CliError("--interactions is required (or an interactions entry in --config)")
+        cfg = TrainConfig.from_dict(base)
+    summary = train(cfg, run, resume=args.resume, progress=not args.quiet)
+    final = summary["final"] or {}
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in final.get("eval", {}).items())
+    print(f"trained {run} ({final.get('epoch', 0)} epochs){': ' + shown if shown else ''}")
+
+
+def _cmd_evaluate(args) -> None:
+    import json
+
+    from recserve.trainer.evaluate import evaluate_run, format_table
+
+    results = evaluate_run(Path(args.run), baselines=_csv(args.baselines),
+                           test_path=Path(args.test) if args.test else None, progress=not args.quiet)
+    (Path(args.run) / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(format_table(results))
+
+
+def _cmd_export(args) -> None:
+    from recserve.trainer.export import export_run
+
+    version = export_run(Path(args.run), Path(args.repository), args.model, backends=_csv(args.backend),
+                         log=(lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
+    print(version)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recserve", description="recserve: train, export and serve recommenders")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("train", help="train a two-tower model (or the MF baseline) into a run directory")
+    p.add_argument("--run", required=True, help="run directory (created)")
+    p.add_argument("--interactions", help="interaction log: CSV/Parquet/JSONL with user_id,item_id,timestamp")
+    p.add_argument("--items", help="optional item table: item_id[,description][,price|median_unit_price]")
+    p.add_argument("--config", help="JSON file of TrainConfig fields; flags override it")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--split", choices=("leave_last_out", "last_basket"))
+    p.add_argument("--model", choices=("two_tower", "mf"))
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = verbs.add_parser("evaluate", help="recall/NDCG/MRR of a run and of baselines on held-out data")
+    p.add_argument("run")
+    p.add_argument("--baselines", default="popularity,mf", help="comma-separated: popularity, mf (or '')")
+    p.add_argument("--test", help="held-out user_id,item_id rows (default: the run's own split)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = verbs.add_parser("export", help="publish a run as a new model version in a repository")
+    p.add_argument("run")
+    p.add_argument("--repository", required=True)
+    p.add_argument("--model", required=True, help="model name (letters, digits, '_', '-', '.')")
+    p.add_argument("--backend", default="onnx", help="comma-separated: onnx (always), tensorrt")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from recserve.features.logs import DataError
+    from recserve.server.repository import RepositoryError
+
+    try:
+        args.func(args)
+    except (CliError, DataError, RepositoryError, ValueError, FileNotFoundError, RuntimeError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"recserve {args.verb}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"recserve {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

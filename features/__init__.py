@@ -1,0 +1,1 @@
+"""Model-agnostic feature definitions shared by the trainer and the server (no torch)."""

@@ -1,0 +1,1 @@
+"""recserve server: model repository, engines, serving pipeline (never imports torch)."""

@@ -1,0 +1,124 @@
+"""A loaded retrieval model version: the computation the server runs for Recommend.
+
+    model = RetrievalModel.load(Path("repo/retail/3"))
+    vectors = model.user_vectors([{"user_id": "17850", "history": ["85123A", "71053"]}])
+    results = model.recommend(records, k=20, exclude=[["85123A"]])   # [(ids, scores), ...]
+    model.check_golden()      # the manifest's golden requests, reproduced from the files
+
+Pipeline per batch: feature spec encode (hash_features) -> embedding_bag on memory-mapped
+tables -> dense engine (user tower) -> topk_inner_product over the item matrix. The
+trainer's export computes its golden outputs through this class, so what the manifest
+promises is exactly what the server computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from recserve import kernels
+from recserve.features.spec import FeatureSpec
+from recserve.server.engines import load_engine
+from recserve.server.repository import RepositoryError, read_manifest, verify_files
+
+GOLDEN_ATOL = 1e-5
+
+
+@dataclass
+class RetrievalModel:
+    version_dir: Path
+    manifest: dict
+    spec: FeatureSpec
+    tables: dict  # table name -> read-only memmap [buckets, dim]
+    engine: object
+    item_ids: np.ndarray  # sorted ascending; row i of item_matrix is item_ids[i]
+    item_matrix: np.ndarray
+
+    @classmethod
+    def load(cls, version_dir: Path, *, backend: str = "onnx", item_dtype: str = "float32",
+             verify: bool = True, engine_options: Mapping | None = None) -> RetrievalModel:
+        version_dir = Path(version_dir)
+        manifest = read_manifest(version_dir)
+        if manifest["kind"] != "retrieval":
+            raise RepositoryError(f"{version_dir}: kind is {manifest['kind']!r}, not 'retrieval'")
+        if verify:
+            verify_files(version_dir, manifest)
+        spec = FeatureSpec.from_dict(manifest["feature_spec"])
+        if spec.fingerprint() != manifest["feature_fingerprint"]:
+            raise RepositoryError(f"{version_dir}: feature spec does not match its fingerprint")
+        tables = {}
+        for name, entry in manifest["tables"].items():
+            table = np.load(version_dir / entry["file"], mmap_mode="r")
+            t = spec.table(name)
+            if table.shape != (t.num_buckets, t.dim):
+                raise RepositoryError(
+                    f"{version_dir / entry['file']}: shape {table.shape}, spec says {(t.num_buckets, t.dim)}"
+                )
+            tables[name] = table
+        engines = manifest["engines"]
+        if backend not in engines:
+            raise RepositoryError(f"{version_dir}: no {backend!r} engine (has: {', '.join(engines)})")
+        engine = load_engine(backend, version_dir / engines[backend]["file"], **(engine_options or {}))
+        items = manifest["items"]
+        if item_dtype not in items["embeddings"]:
+            raise RepositoryError(f"{version_dir}: no {item_dtype} item matrix")
+        item_ids = np.load(version_dir / items["ids"])
+        item_matrix = np.load(version_dir / items["embeddings"][item_dtype], mmap_mode="r")
+        if len(item_ids) != len(item_matrix):
+            raise RepositoryError(f"{version_dir}: {len(item_ids)} item ids but {len(item_matrix)} item rows")
+        return cls(version_dir, manifest, spec, tables, engine, item_ids, item_matrix)
+
+    @property
+    def signature(self) -> dict:
+        return self.manifest["signature"]
+
+    def user_vectors(self, records: Sequence[Mapping]) -> np.ndarray:
+        """Raw user records (keyed by each user field's source) -> float32 [B, d]."""
+        pooled = self.spec.pool("user", self.spec.encode("user", records), self.tables)
+        output = self.signature["outputs"][0]["name"]
+        return self.engine.run(pooled)[output]
+
+    def item_rows(self, ids: Sequence[str]) -> np.ndarray:
+        """Rows of known item ids (unknown ids are skipped: they can never be returned)."""
+        ids = np.asarray(list(ids), dtype=self.item_ids.dtype)
+        pos = np.minimum(np.searchsorted(self.item_ids, ids), len(self.item_ids) - 1)
+        return pos[self.item_ids[pos] == ids].astype(np.int64)
+
+    def recommend(self, records: Sequence[Mapping], k: int,
+                  exclude: Sequence[Sequence[str]] | None = None) -> list[tuple[list[str], list[float]]]:
+        vectors = self.user_vectors(records)
+        indptr = ids = None
+        if exclude is not None:
+            rows = [self.item_rows(e) for e in exclude]
+            indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum([len(r) for r in rows], out=indptr[1:])
+            ids = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        scores, rows = kernels.topk_inner_product(
+            vectors, self.item_matrix, min(k, len(self.item_ids)), exclude_indptr=indptr, exclude_ids=ids
+        )
+        out = []
+        for s, r in zip(scores, rows):
+            keep = r >= 0
+            out.append((self.item_ids[r[keep]].tolist(), s[keep].tolist()))
+        return out
+
+    def check_golden(self, atol: float = GOLDEN_ATOL) -> None:
+        """Reproduce every golden request; a mismatch raises RepositoryError naming it."""
+        golden = self.manifest.get("golden", [])
+        if not golden:
+            raise RepositoryError(f"{self.version_dir}: manifest has no golden requests")
+        records = [g["request"] for g in golden]
+        vectors = self.user_vectors(records)
+        results = self.recommend(records, k=max(g["k"] for g in golden))
+        for i, (g, vec, (ids, scores)) in enumerate(zip(golden, vectors, results)):
+            err = float(np.max(np.abs(vec - np.asarray(g["user_vector"], np.float32))))
+            if err > atol:
+                raise RepositoryError(f"{self.version_dir}: golden request {i}: user vector differs by {err:.3g}")
+            if ids[: g["k"]] != g["items"]:
+                raise RepositoryError(f"{self.version_dir}: golden request {i}: top-k ids differ")
+            err = float(np.max(np.abs(np.asarray(scores[: g["k"]]) - np.asarray(g["scores"])), initial=0.0))
+            if err > atol:
+                raise RepositoryError(f"{self.version_dir}: golden request {i}: scores differ by {err:.3g}")

@@ -1,0 +1,1 @@
+"""recserve offline trainer (torch lives here only; import submodules explicitly)."""
