@@ -1,7 +1,7 @@
 """The ``recserve`` command line.
 
-    recserve train --interactions data/interactions.csv.gz --items data/items.csv.gz --run runs/retail
-    recserve train --run runs/retail --resume
+    recserve train runs/retail --interactions data/interactions.csv.gz --items data/items.csv.gz
+    recserve train runs/retail --resume
     recserve evaluate runs/retail [--baselines popularity,mf] [--test heldout.csv]
     recserve export runs/retail --repository models --model retail [--backend onnx,tensorrt]
     torchrun --nproc_per_node=2 -m recserve.cli.main train ...
@@ -13,6 +13,7 @@ print one line, ``recserve <verb>: error: ...``, and exit with status 1 (2 for b
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def _cmd_train(args) -> None:
             raise CliError("--interactions is required (or an interactions entry in --config)")
         cfg = TrainConfig.from_dict(base)
     summary = train(cfg, run, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return
     final = summary["final"] or {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in final.get("eval", {}).items())
     print(f"trained {run} ({final.get('epoch', 0)} epochs){': ' + shown if shown else ''}")
@@ -77,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = verbs.add_parser("train", help="train a two-tower model (or the MF baseline) into a run directory")
-    p.add_argument("--run", required=True, help="run directory (created)")
+    p.add_argument("run", help="run directory (created)")
     p.add_argument("--interactions", help="interaction log: CSV/Parquet/JSONL with user_id,item_id,timestamp")
     p.add_argument("--items", help="optional item table: item_id[,description][,price|median_unit_price]")
     p.add_argument("--config", help="JSON file of TrainConfig fields; flags override it")

@@ -27,7 +27,7 @@ class DataError(ValueError):
     """Bad input data; the message is one line naming file, row and column."""
 
 
-def _where(path: Path, row: int | None, column: str | None) -> str:
+def location(path: Path, row: int | None, column: str | None) -> str:
     text = str(path)
     if row is not None:
         # CSV users think in line numbers (header = line 1); Parquet/JSONL rows are 0-based.
@@ -80,7 +80,7 @@ def require_columns(path: Path, table: pa.Table, required: Sequence[str]) -> Non
     missing = [c for c in required if c not in table.column_names]
     if missing:
         raise DataError(
-            f"{_where(path, None, missing[0])}: missing (columns present: {', '.join(table.column_names)})"
+            f"{location(path, None, missing[0])}: missing (columns present: {', '.join(table.column_names)})"
         )
 
 
@@ -89,12 +89,12 @@ def string_column(path: Path, table: pa.Table, name: str) -> np.ndarray:
     col = table[name]
     if col.null_count:
         row = int(pc.index(pc.is_null(col), True).as_py())
-        raise DataError(f"{_where(path, row, name)}: missing value")
+        raise DataError(f"{location(path, row, name)}: missing value")
     col = pc.cast(col, pa.string())
     empty = pc.equal(pc.utf8_length(col), 0)
     if pc.any(empty).as_py():
         row = int(pc.index(empty, True).as_py())
-        raise DataError(f"{_where(path, row, name)}: empty id")
+        raise DataError(f"{location(path, row, name)}: missing value")
     return col.to_numpy(zero_copy_only=False).astype(object)
 
 
@@ -103,7 +103,7 @@ def timestamp_column(path: Path, table: pa.Table, name: str = "timestamp") -> np
     col = table[name]
     if col.null_count:
         row = int(pc.index(pc.is_null(col), True).as_py())
-        raise DataError(f"{_where(path, row, name)}: missing timestamp")
+        raise DataError(f"{location(path, row, name)}: missing timestamp")
     t = col.type
     if pa.types.is_integer(t):
         return pc.cast(col, pa.int64()).to_numpy()
@@ -112,7 +112,7 @@ def timestamp_column(path: Path, table: pa.Table, name: str = "timestamp") -> np
         bad = ~np.isfinite(values)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{_where(path, row, name)}: cannot parse {values[row]!r} as a timestamp")
+            raise DataError(f"{location(path, row, name)}: cannot parse {values[row]!r} as a timestamp")
         return np.floor(values).astype(np.int64)
     if pa.types.is_timestamp(t) or pa.types.is_date(t):
         return pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64()).to_numpy()
@@ -134,10 +134,10 @@ def timestamp_column(path: Path, table: pa.Table, name: str = "timestamp") -> np
                 try:
                     np.datetime64(v, "s")
                 except ValueError:
-                    raise DataError(f"{_where(path, row, name)}: cannot parse {v!r} as a timestamp") from None
+                    raise DataError(f"{location(path, row, name)}: cannot parse {v!r} as a timestamp") from None
         # Values parse one by one but not as one column (mixed int and ISO forms).
-        raise DataError(f"{_where(path, None, name)}: mixes unix seconds and date strings")
-    raise DataError(f"{_where(path, None, name)}: type {t} is not a timestamp")
+        raise DataError(f"{location(path, None, name)}: mixes unix seconds and date strings")
+    raise DataError(f"{location(path, None, name)}: type {t} is not a timestamp")
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def lookup_ids(path: Path, column: str, values: np.ndarray, vocabulary: np.ndarr
     unknown = vocabulary[pos_clipped] != values
     if unknown.any():
         row = int(np.flatnonzero(unknown)[0])
-        raise DataError(f"{_where(path, row, column)}: unknown id {values[row]!r} (not in the model's catalogue)")
+        raise DataError(f"{location(path, row, column)}: unknown id {str(values[row])!r} (not in the model's catalogue)")
     return pos_clipped
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from recserve.features.history import history_at_end, history_before_events, sort_events
-from recserve.features.logs import DataError, read_interactions, read_table
+from recserve.features.logs import DataError, location, read_interactions, read_table
 from recserve.features.spec import FeatureSpec, Field, Table
 from recserve.trainer.config import TrainConfig
 
@@ -85,7 +85,7 @@ def _catalog(events, items_path: str | None) -> Catalog:
     _, first = np.unique(meta_ids, return_index=True)
     if len(first) != len(meta_ids):
         dup = np.setdiff1d(np.arange(len(meta_ids)), first)[0]
-        raise DataError(f"{items_path} line {dup + 2}, column 'item_id': duplicate id {meta_ids[dup]!r}")
+        raise DataError(f"{location(Path(items_path), dup, 'item_id')}: duplicate id {str(meta_ids[dup])!r}")
     ids = np.union1d(ids, meta_ids)
     rows = np.searchsorted(ids, meta_ids)
     description = price = None

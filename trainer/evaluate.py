@@ -56,7 +56,7 @@ def file_test_set(path: Path, data: Dataset) -> TestSet:
 
 
 def numpy_tables(model: TwoTower) -> dict[str, np.ndarray]:
-    return {name: p.detach().cpu().numpy() for name, p in model.tables.items()}
+    return {name: bag.weight.detach().cpu().numpy() for name, bag in model.tables.items()}
 
 
 @torch.no_grad()

@@ -55,9 +55,13 @@ class TwoTower(nn.Module):
         # O(batch) instead of O(table) (SparseAdam for tables, Adam for the towers).
         self.sparse = sparse
         self.temperature = cfg.temperature
-        self.tables = nn.ParameterDict(
-            {t.name: nn.Parameter(torch.randn(t.num_buckets, t.dim) * EMBEDDING_INIT_STD) for t in spec.tables}
-        )
+        # nn.EmbeddingBag modules (not bare parameters) so DistributedDataParallel knows
+        # their gradients are sparse; pooling is per field, so forward uses their weights.
+        self.tables = nn.ModuleDict()
+        for t in spec.tables:
+            bag = nn.EmbeddingBag(t.num_buckets, t.dim, mode="sum", sparse=sparse)
+            nn.init.normal_(bag.weight, std=EMBEDDING_INIT_STD)
+            self.tables[t.name] = bag
         if cfg.model == "mf":
             self.user_tower, self.item_tower = IdentityTower(), IdentityTower()
         else:
@@ -69,7 +73,7 @@ class TwoTower(nn.Module):
         out = []
         for f in self.spec.side_fields(side):
             indices, offsets = bags[f.name]
-            out.append(F.embedding_bag(indices, self.tables[f.table], offsets, mode=f.pooling,
+            out.append(F.embedding_bag(indices, self.tables[f.table].weight, offsets, mode=f.pooling,
                                        include_last_offset=True, sparse=self.sparse))
         return out
 

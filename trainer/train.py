@@ -1,7 +1,7 @@
 """Train a two-tower retrieval model (or the MF baseline) into a run directory.
 
-    recserve train --interactions data/interactions.csv.gz --items data/items.csv.gz --run runs/retail
-    recserve train --run runs/retail --resume          # continue from the last checkpoint
+    recserve train runs/retail --interactions data/interactions.csv.gz --items data/items.csv.gz
+    recserve train runs/retail --resume          # continue from the last checkpoint
     torchrun --nproc_per_node=2 -m recserve.cli.main train ...   # DistributedDataParallel
 
 Run directory: config.json, spec.json, checkpoint.pt (after every epoch: weights, optimizer,
@@ -128,13 +128,13 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
     start_epoch = 0
     if resume:
         state = torch.load(run_dir / CHECKPOINT, weights_only=False)
-        if TrainConfig.from_dict(state["config"]) != cfg:
-            raise ValueError(f"{run_dir / CHECKPOINT}: was written with a different config")
+        if TrainConfig.from_dict(state["config"]).replace(epochs=cfg.epochs) != cfg:
+            raise ValueError(f"{run_dir / CHECKPOINT}: was written with a different config (only epochs may change)")
         model.load_state_dict(state["model"])
         for opt, opt_state in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
         metrics, start_epoch = state["metrics"], state["epoch"]
-    elif world.is_main:
+    if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(run_dir / CONFIG, cfg.to_dict())
         _write_json(run_dir / SPEC, spec.to_dict())
@@ -169,7 +169,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
         seconds = time.perf_counter() - started
         if not world.is_main:
             continue
-        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": seconds,
+        record = {"epoch": epoch + 1, "world_size": world.size, "loss": float(np.mean(losses)), "seconds": seconds,
                   "examples_per_s": steps * cfg.batch_size / seconds}
         if evaluate_each_epoch or epoch + 1 == cfg.epochs:
             rows = model_topk(model, cfg, spec, data, test, max(cfg.eval_ks))
