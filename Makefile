@@ -1,7 +1,8 @@
 # recserve developer entry points.
 #
 #   make test        .venv (created if missing) + editable install with test extras + pytest
-#   make bench       benchmarks in bench/ (installs the bench extras: torch, faiss-cpu)
+#   make bench       all benchmarks in bench/ (installs the bench extras: torch, faiss-cpu);
+#                    one at a time: make bench-kernels | bench-trainer | bench-synthetic
 #   make cuda-check  builds the CUDA kernels with NVIDIA's nvcc from PyPI (no GPU needed)
 #                    into a second venv and runs the kernel tests against that build
 #
@@ -18,7 +19,7 @@ CUDA_PIP := $(CUDA_PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 NATIVE_SOURCES := CMakeLists.txt pyproject.toml $(shell find csrc kernels/cuda -type f 2>/dev/null)
 
-.PHONY: test bench cuda-check clean
+.PHONY: test bench bench-deps bench-kernels bench-trainer bench-synthetic cuda-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +35,19 @@ $(VENV)/.installed: $(PY) $(NATIVE_SOURCES)
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed
+bench: bench-kernels bench-trainer bench-synthetic
+
+bench-deps: $(VENV)/.installed
 	$(PIP) install -q --no-build-isolation -e ".[bench,trainer]"
+
+bench-kernels: bench-deps
 	$(PY) bench/kernels.py
+
+bench-trainer: bench-deps
+	$(PY) bench/trainer.py
+
+bench-synthetic: bench-deps
+	$(PY) bench/synthetic_scale.py
 
 # A non-editable wheel built with RECSERVE_CUDA=ON in its own venv: proves every
 # CUDA source compiles, that `pip install .` works, and that the CUDA-enabled

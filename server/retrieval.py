@@ -83,7 +83,7 @@ class RetrievalModel:
 
     def item_rows(self, ids: Sequence[str]) -> np.ndarray:
         """Rows of known item ids (unknown ids are skipped: they can never be returned)."""
-        ids = np.asarray(list(ids), dtype=self.item_ids.dtype)
+        ids = np.asarray(list(ids), dtype=str)  # own width: never truncate to the catalogue's
         pos = np.minimum(np.searchsorted(self.item_ids, ids), len(self.item_ids) - 1)
         return pos[self.item_ids[pos] == ids].astype(np.int64)
 

@@ -9,6 +9,7 @@ import pytest
 from recserve.trainer.config import TrainConfig
 from recserve.trainer.synthetic import SyntheticConfig, write_dataset
 
+RETAIL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "online-retail"
 TINY = SyntheticConfig(n_users=400, n_items=120, n_clusters=6, mean_baskets=5.0, mean_basket_size=3.0, seed=11)
 
 

@@ -82,6 +82,16 @@ def test_golden_requests_reproduce_from_the_files_alone(repo, tiny_run):
         assert top == g["items"]
 
 
+def test_recommend_excludes_items_and_ignores_unknown_ids(repo):
+    model = RetrievalModel.load(repo / "tiny" / "1")
+    request = model.manifest["golden"][0]["request"]
+    (ids, scores), = model.recommend([request], k=5)
+    longer = ids[0] + "X"  # must not match ids[0] by truncation
+    (ids2, _), = model.recommend([request], k=5, exclude=[[ids[0], longer, "nope"]])
+    assert ids2[:4] == ids[1:] and ids[0] not in ids2
+    assert scores == sorted(scores, reverse=True)
+
+
 def test_tampered_versions_are_refused(repo, tmp_path):
     import shutil
 
