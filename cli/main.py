@@ -31,19 +31,19 @@ def _cmd_train(args) -> None:
     from recserve.trainer.train import CONFIG, train
 
     run = Path(args.run)
+    overrides = {k: v for k, v in {
+        "interactions": args.interactions, "items": args.items, "epochs": args.epochs,
+        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "split": args.split,
+        "model": args.model, "threads": args.threads,
+    }.items() if v is not None}
     if args.resume:
         if not (run / CONFIG).exists():
             raise CliError(f"{run}: nothing to resume (no {CONFIG})")
-        cfg = TrainConfig.from_json(run / CONFIG)
-        if args.epochs:  # extend a finished run
-            cfg = cfg.replace(epochs=args.epochs)
+        if args.config or set(overrides) - {"epochs"}:
+            raise CliError("--resume continues with the run's own config; only --epochs may change")
+        cfg = TrainConfig.from_json(run / CONFIG).replace(**overrides)
     else:
         base = TrainConfig.from_json(args.config).to_dict() if args.config else {}
-        overrides = {k: v for k, v in {
-            "interactions": args.interactions, "items": args.items, "epochs": args.epochs,
-            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "split": args.split,
-            "model": args.model, "threads": args.threads,
-        }.items() if v is not None}
         base.update(overrides)
         if "interactions" not in base:
             raise CliError("--interactions is required (or an interactions entry in --config)")

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from recserve.features.csr import take_bags
+
 
 def sort_events(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
     """Stable order by (user, timestamp); equal timestamps keep file order."""
@@ -68,24 +70,27 @@ def _recent_distinct(item, nxt, query, start, max_len, chunk):
             unfinished.append(sel[~done])
         pending = np.concatenate(unfinished)
         window *= 4
-    rows = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros(0, np.int64)
-    counts = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.int64)
-    flat = np.concatenate([p[2] for p in pieces]).astype(np.int64) if pieces else np.zeros(0, np.int64)
-    src_start = np.cumsum(counts) - counts
-    order = np.argsort(rows, kind="stable")
-    offsets = np.zeros(len(query) + 1, dtype=np.int64)
-    np.cumsum(counts[order], out=offsets[1:])
-    gather = np.repeat(src_start[order] - offsets[:-1], counts[order]) + np.arange(offsets[-1])
-    return flat[gather], offsets
+    if not pieces:
+        return np.zeros(0, np.int64), np.zeros(1, np.int64)
+    rows = np.concatenate([p[0] for p in pieces])
+    counts = np.concatenate([p[1] for p in pieces])
+    flat = np.concatenate([p[2] for p in pieces]).astype(np.int64)
+    # Bags are in processing order; put them in query order.
+    return take_bags((flat, np.r_[0, np.cumsum(counts)]), np.argsort(rows, kind="stable"))
 
 
-def history_before_events(user: np.ndarray, item: np.ndarray, max_len: int, chunk: int = 1 << 22):
-    """History before each event (events sorted with ``sort_events``) -> (items, offsets)."""
+def history_before_events(user: np.ndarray, item: np.ndarray, max_len: int, at: np.ndarray | None = None,
+                          chunk: int = 1 << 22):
+    """History before each event (events sorted with ``sort_events``) -> (items, offsets).
+
+    ``at[e]`` (default ``e``) is the position whose history event e gets, e.g. the first
+    event of e's basket so that a basket's items do not see each other.
+    """
     user, item = np.asarray(user), np.asarray(item)
     if max_len <= 0:
         return np.zeros(0, np.int64), np.zeros(len(user) + 1, np.int64)
     nxt = _next_same(user, item)
-    query = np.arange(len(user), dtype=np.int64)
+    query = np.arange(len(user), dtype=np.int64) if at is None else np.asarray(at, dtype=np.int64)
     return _recent_distinct(item, nxt, query, _user_starts(user), max_len, chunk)
 
 

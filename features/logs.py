@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recserve.features.csr import find_sorted
+
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 
 
@@ -59,7 +61,8 @@ def read_arrow(path: str | Path, string_columns: Sequence[str] = ()) -> pa.Table
             import pyarrow.csv as pcsv
 
             table = pcsv.read_csv(
-                path, convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in string_columns})
+                path, convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in string_columns},
+                                                          strings_can_be_null=True)
             )
         elif fmt == "parquet":
             import pyarrow.parquet as pq
@@ -69,7 +72,7 @@ def read_arrow(path: str | Path, string_columns: Sequence[str] = ()) -> pa.Table
             import pyarrow.json as pjson
 
             table = pjson.read_json(path)
-    except pa.ArrowInvalid as e:
+    except (pa.ArrowInvalid, OSError) as e:  # OSError: e.g. a truncated gzip stream
         raise DataError(f"{path}: cannot read {fmt}: {str(e).splitlines()[0]}") from None
     if table.num_rows == 0:
         raise DataError(f"{path}: no rows")
@@ -82,6 +85,26 @@ def require_columns(path: Path, table: pa.Table, required: Sequence[str]) -> Non
         raise DataError(
             f"{location(path, None, missing[0])}: missing (columns present: {', '.join(table.column_names)})"
         )
+
+
+def optional_string_column(table: pa.Table, name: str) -> np.ndarray:
+    """A column as Python str values, None where missing (an empty bag downstream)."""
+    col = pc.cast(table[name], pa.string())
+    return np.array(col.to_pylist(), dtype=object)
+
+
+def float_column(path: Path, table: pa.Table, name: str) -> np.ndarray:
+    """A numeric column as float64, NaN where missing; text that is not a number is an error."""
+    col = table[name]
+    try:
+        return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        for row, v in enumerate(col.to_pylist()):
+            try:
+                float(v) if v is not None else None
+            except (TypeError, ValueError):
+                raise DataError(f"{location(path, row, name)}: {v!r} is not a number") from None
+        raise DataError(f"{location(path, None, name)}: not a numeric column ({col.type})") from None
 
 
 def string_column(path: Path, table: pa.Table, name: str) -> np.ndarray:
@@ -114,14 +137,18 @@ def timestamp_column(path: Path, table: pa.Table, name: str = "timestamp") -> np
             row = int(np.flatnonzero(bad)[0])
             raise DataError(f"{location(path, row, name)}: cannot parse {values[row]!r} as a timestamp")
         return np.floor(values).astype(np.int64)
-    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+    if pa.types.is_timestamp(t):
+        # Floor to seconds: casting to timestamp("s") would refuse sub-second values.
+        per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[t.unit]
+        return pc.cast(col, pa.int64()).to_numpy() // per_second
+    if pa.types.is_date(t):
         return pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64()).to_numpy()
     if pa.types.is_string(t) or pa.types.is_large_string(t):
-        values = col.to_numpy(zero_copy_only=False)
         try:
             return pc.cast(col, pa.int64()).to_numpy()
         except pa.ArrowInvalid:
             pass
+        values = col.to_numpy(zero_copy_only=False)
         try:
             parsed = np.array(values, dtype="datetime64[s]")
             return parsed.astype(np.int64)
@@ -154,15 +181,18 @@ class Interactions:
         return len(self.user_id)
 
 
-def read_interactions(path: str | Path) -> Interactions:
+def read_interactions(path: str | Path, string_columns: Sequence[str] = ()) -> Interactions:
+    """``string_columns``: extra columns to read as text (None where missing), e.g. context
+    fields, so "007" stays "007" and a missing value stays missing."""
     path = Path(path)
-    table = read_arrow(path, string_columns=("user_id", "item_id"))
-    require_columns(path, table, INTERACTION_COLUMNS)
+    table = read_arrow(path, string_columns=("user_id", "item_id", *string_columns))
+    require_columns(path, table, (*INTERACTION_COLUMNS, *string_columns))
     extra = {}
     for name in table.column_names:
-        if name not in INTERACTION_COLUMNS:
-            col = table[name]
-            extra[name] = col.to_numpy(zero_copy_only=False)
+        if name in string_columns:
+            extra[name] = optional_string_column(table, name)
+        elif name not in INTERACTION_COLUMNS:
+            extra[name] = table[name].to_numpy(zero_copy_only=False)
     return Interactions(
         path=path,
         user_id=string_column(path, table, "user_id"),
@@ -172,26 +202,30 @@ def read_interactions(path: str | Path) -> Interactions:
     )
 
 
-def read_table(path: str | Path, required: Sequence[str], id_columns: Sequence[str] = ()) -> dict[str, np.ndarray]:
-    """A metadata table (e.g. items) -> {column: NumPy array}; id columns non-null strings."""
+def read_table(path: str | Path, required: Sequence[str], id_columns: Sequence[str] = (),
+               text_columns: Sequence[str] = (), number_columns: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """A metadata table (e.g. items) -> {column: NumPy array}: id columns as non-null str,
+    text columns as str or None, number columns as float64 with NaN (those present)."""
     path = Path(path)
-    table = read_arrow(path, string_columns=id_columns)
+    table = read_arrow(path, string_columns=(*id_columns, *text_columns))
     require_columns(path, table, required)
     out = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
     for name in id_columns:
         out[name] = string_column(path, table, name)
+    for name in (c for c in text_columns if c in out):
+        out[name] = optional_string_column(table, name)
+    for name in (c for c in number_columns if c in out):
+        out[name] = float_column(path, table, name)
     return out
 
 
 def lookup_ids(path: Path, column: str, values: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
     """Positions of ``values`` in the sorted ``vocabulary``; an unknown id is a DataError."""
-    pos = np.searchsorted(vocabulary, values)
-    pos_clipped = np.minimum(pos, len(vocabulary) - 1)
-    unknown = vocabulary[pos_clipped] != values
-    if unknown.any():
-        row = int(np.flatnonzero(unknown)[0])
+    pos, known = find_sorted(vocabulary, values)
+    if not known.all():
+        row = int(np.flatnonzero(~known)[0])
         raise DataError(f"{location(path, row, column)}: unknown id {str(values[row])!r} (not in the model's catalogue)")
-    return pos_clipped
+    return pos
 
 
 def data_attribution(path: str | Path) -> str | None:

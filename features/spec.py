@@ -15,10 +15,11 @@ user's recent-item history) share bucket ids and rows. Tokens are hashed with
 
 Field kinds and their raw values:
   categorical  one value (str or int); None or "" gives an empty bag
-  sequence     a list of values, newest first; the first ``max_len`` are kept
+  sequence     a list of values, newest first; repeats are dropped (the first occurrence
+               stays) and the first ``max_len`` distinct values are kept
   text         a string; lower-cased ``[a-z0-9]+`` words, the first ``max_len`` are kept
-  bucketized   a number; ``searchsorted(boundaries, v, side="right")`` is the token value;
-               None / NaN gives an empty bag
+  bucketized   a number; its bin ``searchsorted(boundaries, v, side="right")`` is the row
+               itself (not hashed: a few bins must never collide); None / NaN: empty bag
 An empty bag pools to zeros.
 """
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -81,24 +81,28 @@ class Field:
         if self.kind == "sequence":
             if isinstance(value, (str, bytes)):
                 raise ValueError(f"feature {self.name!r}: expected a list of values, got a string")
-            values = list(value)[: self.max_len] if self.max_len else list(value)
-            return [self.token(v) for v in values if str(v)]
+            distinct = list(dict.fromkeys(str(v) for v in value if str(v)))
+            return [self.token(v) for v in (distinct[: self.max_len] if self.max_len else distinct)]
         if self.kind == "text":
             words = _WORD_RE.findall(str(value).lower())
             if self.max_len:
                 words = words[: self.max_len]
             return [self.token(w) for w in words]
-        # bucketized
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"feature {self.name!r}: expected a number, got {value!r}") from None
-        if math.isnan(number):
-            return []
-        return [self.token(self.bucket_of(number))]
+        raise ValueError(f"feature {self.name!r} is bucketized: it has bins, not tokens")
 
-    def bucket_of(self, number: float) -> int:
-        return int(np.searchsorted(np.asarray(self.boundaries), number, side="right"))
+    def bins(self, values: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        """Bucketized field: raw numbers -> (bin ids, offsets); None/NaN -> empty bag."""
+        numbers = np.empty(len(values), dtype=np.float64)
+        for i, v in enumerate(values):
+            try:
+                numbers[i] = np.nan if v is None else float(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"feature {self.name!r}: expected a number, got {v!r}") from None
+        present = ~np.isnan(numbers)
+        offsets = np.zeros(len(values) + 1, dtype=np.int64)
+        np.cumsum(present, out=offsets[1:])
+        ids = np.searchsorted(np.asarray(self.boundaries), numbers[present], side="right")
+        return ids.astype(np.int64), offsets
 
 
 @dataclass(frozen=True)
@@ -148,8 +152,8 @@ class FeatureSpec:
                 b = np.asarray(f.boundaries)
                 if len(b) == 0 or not np.all(np.isfinite(b)) or np.any(np.diff(b) <= 0):
                     raise ValueError(f"{where}: boundaries must be finite and strictly increasing")
-                if len(b) + 1 > self._table_index[f.table].num_buckets:
-                    raise ValueError(f"{where}: table {f.table!r} has fewer buckets than the field has bins")
+                if len(b) + 1 != self._table_index[f.table].num_buckets:
+                    raise ValueError(f"{where}: table {f.table!r} needs exactly {len(b) + 1} buckets (one per bin)")
         for side in SIDES:
             if not self.side_fields(side):
                 raise ValueError(f"feature spec: no {side} fields")
@@ -213,6 +217,8 @@ class FeatureSpec:
     def encode_field(self, name: str, values: Sequence) -> tuple[np.ndarray, np.ndarray]:
         """Raw values of one field for B entities -> (bucket ids int64[M], offsets int64[B+1])."""
         f = self.field(name)
+        if f.kind == "bucketized":
+            return f.bins(values)
         per_entity = [f.tokens(v) for v in values]
         offsets = np.zeros(len(per_entity) + 1, dtype=np.int64)
         np.cumsum([len(t) for t in per_entity], out=offsets[1:])

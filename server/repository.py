@@ -15,6 +15,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +26,7 @@ MANIFEST_SCHEMA_VERSION = 1
 KINDS = ("retrieval", "ranking", "scoring", "generic")
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _TMP_PREFIX = ".tmp-"
+STALE_TEMP_AGE_S = 24 * 3600
 
 
 class RepositoryError(ValueError):
@@ -77,16 +80,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _temp_name() -> str:
+    return f"{_TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _remove_stale_temp_dirs(model_dir: Path) -> None:
-    """Temp dirs left by killed exports (their writer pid no longer runs)."""
+    """Temp dirs of killed exports: a dead writer pid on this host, or older than a day
+    (a writer on another host sharing the directory cannot be probed)."""
+    host = socket.gethostname()
     for entry in model_dir.glob(_TMP_PREFIX + "*"):
+        writer_host, _, pid = entry.name[len(_TMP_PREFIX):].rpartition("-")[0].rpartition("-")
         try:
-            pid = int(entry.name[len(_TMP_PREFIX):].split("-")[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry, ignore_errors=True)
-        except (ValueError, PermissionError):
+            if writer_host == host and pid.isdigit():
+                stale = not _pid_alive(int(pid))
+            else:
+                stale = time.time() - entry.stat().st_mtime > STALE_TEMP_AGE_S
+        except FileNotFoundError:  # another exporter removed it meanwhile
             continue
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def publish_version(repository: Path, model: str, build: Callable[[Path, int], None]) -> int:
@@ -98,7 +120,7 @@ def publish_version(repository: Path, model: str, build: Callable[[Path, int], N
     model_dir = Path(repository) / validate_model_name(model)
     model_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_dirs(model_dir)
-    tmp = model_dir / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = model_dir / _temp_name()
     tmp.mkdir()
     try:
         version = (list_versions(model_dir) or [0])[-1] + 1
@@ -127,11 +149,15 @@ def publish_version(repository: Path, model: str, build: Callable[[Path, int], N
 
 
 def write_json(path: Path, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
+    """Write JSON durably and atomically: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def file_entries(version_dir: Path) -> dict[str, dict]:

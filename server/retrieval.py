@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from recserve import kernels
+from recserve.features.csr import find_sorted
 from recserve.features.spec import FeatureSpec
 from recserve.server.engines import load_engine
 from recserve.server.repository import RepositoryError, read_manifest, verify_files
 
 GOLDEN_ATOL = 1e-5
+RETRIEVAL_KEYS = ("feature_spec", "feature_fingerprint", "signature", "engines", "tables", "items")
 
 
 @dataclass
@@ -44,20 +46,29 @@ class RetrievalModel:
         manifest = read_manifest(version_dir)
         if manifest["kind"] != "retrieval":
             raise RepositoryError(f"{version_dir}: kind is {manifest['kind']!r}, not 'retrieval'")
+        missing = [k for k in RETRIEVAL_KEYS if k not in manifest]
+        if missing:
+            raise RepositoryError(f"{version_dir / 'manifest.json'}: missing {', '.join(missing)}")
         if verify:
             verify_files(version_dir, manifest)
-        spec = FeatureSpec.from_dict(manifest["feature_spec"])
+        try:
+            spec = FeatureSpec.from_dict(manifest["feature_spec"])
+        except ValueError as e:
+            raise RepositoryError(f"{version_dir}: {e}") from None
         if spec.fingerprint() != manifest["feature_fingerprint"]:
             raise RepositoryError(f"{version_dir}: feature spec does not match its fingerprint")
+        absent = [t.name for t in spec.tables if t.name not in manifest["tables"]]
+        if absent:
+            raise RepositoryError(f"{version_dir}: no file for embedding table {absent[0]!r}")
         tables = {}
-        for name, entry in manifest["tables"].items():
+        for t in spec.tables:
+            entry = manifest["tables"][t.name]
             table = np.load(version_dir / entry["file"], mmap_mode="r")
-            t = spec.table(name)
             if table.shape != (t.num_buckets, t.dim):
                 raise RepositoryError(
                     f"{version_dir / entry['file']}: shape {table.shape}, spec says {(t.num_buckets, t.dim)}"
                 )
-            tables[name] = table
+            tables[t.name] = table
         engines = manifest["engines"]
         if backend not in engines:
             raise RepositoryError(f"{version_dir}: no {backend!r} engine (has: {', '.join(engines)})")
@@ -83,9 +94,8 @@ class RetrievalModel:
 
     def item_rows(self, ids: Sequence[str]) -> np.ndarray:
         """Rows of known item ids (unknown ids are skipped: they can never be returned)."""
-        ids = np.asarray(list(ids), dtype=str)  # own width: never truncate to the catalogue's
-        pos = np.minimum(np.searchsorted(self.item_ids, ids), len(self.item_ids) - 1)
-        return pos[self.item_ids[pos] == ids].astype(np.int64)
+        pos, known = find_sorted(self.item_ids, np.asarray(list(ids), dtype=str))  # own width: no truncation
+        return pos[known]
 
     def recommend(self, records: Sequence[Mapping], k: int,
                   exclude: Sequence[Sequence[str]] | None = None) -> list[tuple[list[str], list[float]]]:
@@ -106,7 +116,13 @@ class RetrievalModel:
         return out
 
     def check_golden(self, atol: float = GOLDEN_ATOL) -> None:
-        """Reproduce every golden request; a mismatch raises RepositoryError naming it."""
+        """Reproduce every golden request; a mismatch raises RepositoryError naming it.
+
+        User vectors and top-k scores must match within ``atol``. Ids must match too,
+        except that items whose scores tie within ``atol`` may come in either order (a
+        different engine or CPU may break a near-tie the other way): each expected item
+        must score, here, within ``atol`` of its expected score.
+        """
         golden = self.manifest.get("golden", [])
         if not golden:
             raise RepositoryError(f"{self.version_dir}: manifest has no golden requests")
@@ -114,11 +130,15 @@ class RetrievalModel:
         vectors = self.user_vectors(records)
         results = self.recommend(records, k=max(g["k"] for g in golden))
         for i, (g, vec, (ids, scores)) in enumerate(zip(golden, vectors, results)):
+            where = f"{self.version_dir}: golden request {i}"
             err = float(np.max(np.abs(vec - np.asarray(g["user_vector"], np.float32))))
             if err > atol:
-                raise RepositoryError(f"{self.version_dir}: golden request {i}: user vector differs by {err:.3g}")
-            if ids[: g["k"]] != g["items"]:
-                raise RepositoryError(f"{self.version_dir}: golden request {i}: top-k ids differ")
+                raise RepositoryError(f"{where}: user vector differs by {err:.3g}")
             err = float(np.max(np.abs(np.asarray(scores[: g["k"]]) - np.asarray(g["scores"])), initial=0.0))
-            if err > atol:
-                raise RepositoryError(f"{self.version_dir}: golden request {i}: scores differ by {err:.3g}")
+            if err > atol or len(ids[: g["k"]]) != len(g["items"]):
+                raise RepositoryError(f"{where}: top-k scores differ by {err:.3g}")
+            if ids[: g["k"]] != g["items"]:
+                rows = self.item_rows(g["items"])
+                here = np.asarray(self.item_matrix[rows], np.float32) @ vec
+                if len(rows) != len(g["items"]) or np.max(np.abs(here - np.asarray(g["scores"]))) > atol:
+                    raise RepositoryError(f"{where}: top-k ids differ")

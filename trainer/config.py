@@ -16,6 +16,24 @@ SPLITS = ("leave_last_out", "last_basket")
 MODELS = ("two_tower", "mf")
 
 
+_SCALARS = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def _check_type(name: str, annotation: str, value) -> None:
+    """JSON configs arrive untyped: "3" for 3 must be an error naming the key, not a crash."""
+    want = annotation.replace(" | None", "")
+    ok = value is None and annotation.endswith("| None")
+    if want.startswith("tuple["):
+        want = want[len("tuple["):].split(",")[0]
+        ok = ok or isinstance(value, (list, tuple)) and all(
+            isinstance(v, _SCALARS[want]) and not isinstance(v, bool) for v in value)
+        want = f"a list of {want}"
+    else:
+        ok = ok or isinstance(value, _SCALARS[want]) and (want == "bool" or not isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"config: {name} must be {want}{' or null' if '| None' in annotation else ''}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     interactions: str
@@ -51,6 +69,8 @@ class TrainConfig:
     exclude_seen: bool = False  # repeat purchases are real targets in retail data
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check_type(f.name, f.type, getattr(self, f.name))
         for name in ("hidden", "context_columns", "eval_ks"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         checks = [

@@ -2,7 +2,7 @@
 
     data = load_dataset(cfg)            # events sorted by (user, time, file order) + split
     spec = build_spec(cfg, data)        # tables and fields for this data
-    enc = encode_training(spec, data)   # CSR bags per field for train examples and items
+    enc = encode_training(cfg, spec, data)   # CSR bags per field for train examples and items
 
 Everything here is NumPy (no torch), so evaluation, export and tests share it. Feature
 tokens and hashing come from ``recserve.features.spec`` -- the same code the server runs.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recserve.features.csr import group_pairs, take_bags
 from recserve.features.history import history_at_end, history_before_events, sort_events
 from recserve.features.logs import DataError, location, read_interactions, read_table
 from recserve.features.spec import FeatureSpec, Field, Table
@@ -51,24 +52,21 @@ class Catalog:
 
 @dataclass(frozen=True)
 class Split:
-    kind: str
     train: np.ndarray  # bool mask over sorted events
     test_users: np.ndarray  # user codes, ascending
-    test_indptr: np.ndarray  # CSR of held-out item codes per test user (unique)
+    test_indptr: np.ndarray  # CSR of held-out item codes per test user (distinct)
     test_items: np.ndarray
     test_context_event: np.ndarray  # a held-out event per test user (its context columns)
 
 
 @dataclass(frozen=True)
 class Dataset:
-    path: Path
     user_ids: np.ndarray  # str, sorted; user code = position
     catalog: Catalog
     user: np.ndarray  # int64 codes, events sorted by (user, time, file order)
     item: np.ndarray  # int64 catalogue rows
-    timestamp: np.ndarray
-    basket: np.ndarray  # int64 basket key (invoice, else timestamp)
-    context: dict  # column -> str array, sorted order
+    basket: np.ndarray  # int64 basket key (invoice, else timestamp) per event
+    context: dict  # column -> str per event ("" where missing)
     split: Split
 
     @property
@@ -76,11 +74,15 @@ class Dataset:
         return np.bincount(self.item[self.split.train], minlength=len(self.catalog))
 
 
+PRICE_COLUMNS = ("price", "median_unit_price", "unit_price")
+
+
 def _catalog(events, items_path: str | None) -> Catalog:
     ids = np.unique(events.item_id.astype(str))
     if items_path is None:
         return Catalog(ids=ids, description=None, price=None)
-    table = read_table(items_path, required=("item_id",), id_columns=("item_id",))
+    table = read_table(items_path, required=("item_id",), id_columns=("item_id",), text_columns=("description",),
+                       number_columns=PRICE_COLUMNS)
     meta_ids = table["item_id"].astype(str)
     _, first = np.unique(meta_ids, return_index=True)
     if len(first) != len(meta_ids):
@@ -92,48 +94,44 @@ def _catalog(events, items_path: str | None) -> Catalog:
     if "description" in table:
         description = np.full(len(ids), None, dtype=object)
         description[rows] = table["description"]
-    price_col = next((c for c in ("price", "median_unit_price", "unit_price") if c in table), None)
+    price_col = next((c for c in PRICE_COLUMNS if c in table), None)
     if price_col is not None:
         price = np.full(len(ids), np.nan)
-        price[rows] = np.asarray(table[price_col], dtype=np.float64)
+        price[rows] = table[price_col]
     return Catalog(ids=ids, description=description, price=price)
 
 
+def basket_starts(user: np.ndarray, basket: np.ndarray) -> np.ndarray:
+    """Per event, the position of the first event of its (user, basket key) group."""
+    order = np.lexsort((np.arange(len(user)), basket, user))
+    new_group = np.r_[True, (user[order][1:] != user[order][:-1]) | (basket[order][1:] != basket[order][:-1])]
+    first_of_group = order[np.flatnonzero(new_group)]
+    out = np.empty(len(user), dtype=np.int64)
+    out[order] = np.repeat(first_of_group, np.diff(np.r_[np.flatnonzero(new_group), len(user)]))
+    return out
+
+
 def _split(cfg: TrainConfig, user: np.ndarray, item: np.ndarray, basket: np.ndarray) -> Split:
-    n = len(user)
-    last_of_user = np.r_[user[1:] != user[:-1], True]
-    user_end = np.flatnonzero(last_of_user)
-    user_start = np.r_[0, user_end[:-1] + 1]
+    user_end = np.flatnonzero(np.r_[user[1:] != user[:-1], True])
+    sizes = np.diff(np.r_[-1, user_end])
     if cfg.split == "leave_last_out":
-        size = user_end - user_start + 1
-        eligible = size >= cfg.min_events
-        held = user_end[eligible]
+        held = user_end[sizes >= cfg.min_events]
     else:
-        new_basket = np.r_[True, (user[1:] != user[:-1]) | (basket[1:] != basket[:-1])]
-        baskets_per_user = np.add.reduceat(new_basket.astype(np.int64), user_start)
-        eligible = baskets_per_user >= cfg.min_events
-        # Held out: every event of the user's last basket (its key may recur earlier only if
-        # the log reuses keys, so compare keys within the user's trailing run).
-        basket_run = np.cumsum(new_basket)
-        last_run = basket_run[user_end]
-        per_event_last = np.repeat(last_run, user_end - user_start + 1)
-        held_mask = (basket_run == per_event_last) & np.repeat(eligible, user_end - user_start + 1)
-        held = np.flatnonzero(held_mask)
-    train = np.ones(n, bool)
+        # The user's last basket is the key of their last event; all its events are held
+        # out wherever they sit in the log (invoices may interleave at one timestamp).
+        baskets_per_user = np.diff(group_pairs(user, basket)[1])  # distinct keys; users ascending
+        eligible = np.repeat(baskets_per_user >= cfg.min_events, sizes)
+        held = np.flatnonzero(eligible & (basket == np.repeat(basket[user_end], sizes)))
+    train = np.ones(len(user), bool)
     train[held] = False
-    held_user, held_item = user[held], item[held]
-    pairs = np.unique(np.stack([held_user, held_item], 1), axis=0) if len(held) else np.zeros((0, 2), np.int64)
-    test_users, first = np.unique(pairs[:, 0], return_index=True)
-    indptr = np.r_[first, len(pairs)].astype(np.int64)
-    context_event = held[np.r_[np.flatnonzero(np.r_[True, held_user[1:] != held_user[:-1]])]] if len(held) else held
-    return Split(cfg.split, train, test_users.astype(np.int64), indptr, pairs[:, 1].astype(np.int64), context_event)
+    test_users, indptr, items = group_pairs(user[held], item[held])
+    # held is sorted, so the first held event of each test user is at its user's offset
+    context_event = held[np.searchsorted(user[held], test_users)]
+    return Split(train, test_users, indptr, items, context_event)
 
 
 def load_dataset(cfg: TrainConfig) -> Dataset:
-    events = read_interactions(cfg.interactions)
-    for name in cfg.context_columns:
-        if name not in events.columns:
-            raise DataError(f"{events.path}, column {name!r}: missing (named in context_columns)")
+    events = read_interactions(cfg.interactions, string_columns=cfg.context_columns)
     catalog = _catalog(events, cfg.items)
     user_ids, user = np.unique(events.user_id.astype(str), return_inverse=True)
     item = np.searchsorted(catalog.ids, events.item_id.astype(str))
@@ -141,13 +139,13 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
     basket = (np.unique(basket_raw.astype(str), return_inverse=True)[1] if basket_raw is not None
               else events.timestamp).astype(np.int64)
     order = sort_events(user, events.timestamp)
-    user, item, ts, basket = user[order], item[order], events.timestamp[order], basket[order]
-    context = {c: events.columns[c][order].astype(str) for c in cfg.context_columns}
-    split = _split(cfg, user.astype(np.int64), item.astype(np.int64), basket)
+    user, item, basket = user[order].astype(np.int64), item[order].astype(np.int64), basket[order]
+    context = {c: np.where(events.columns[c][order] == None, "", events.columns[c][order]).astype(str)  # noqa: E711
+               for c in cfg.context_columns}
+    split = _split(cfg, user, item, basket)
     if len(split.test_users) == 0:
         raise DataError(f"{events.path}: no user has {cfg.min_events} or more events to hold out (min_events)")
-    return Dataset(events.path, user_ids, catalog, user.astype(np.int64), item.astype(np.int64), ts, basket,
-                   context, split)
+    return Dataset(user_ids, catalog, user, item, basket, context, split)
 
 
 def _quantile_boundaries(values: np.ndarray, bins: int) -> tuple[float, ...]:
@@ -181,16 +179,6 @@ def build_spec(cfg: TrainConfig, data: Dataset) -> FeatureSpec:
 # -- encoded arrays -------------------------------------------------------------------------
 
 Bags = tuple[np.ndarray, np.ndarray]  # (bucket ids int64[M], offsets int64[B+1])
-
-
-def take_bags(bags: Bags, rows: np.ndarray) -> Bags:
-    """The bags of ``rows`` (any order, repeats allowed) as a new CSR pair."""
-    indices, offsets = bags
-    starts, lens = offsets[rows], offsets[rows + 1] - offsets[rows]
-    out_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lens, out=out_offsets[1:])
-    gather = np.repeat(starts - out_offsets[:-1], lens) + np.arange(out_offsets[-1])
-    return indices[gather], out_offsets
 
 
 def _single(buckets: np.ndarray) -> Bags:
@@ -237,7 +225,7 @@ def user_records(data: Dataset, users: np.ndarray, history_len: int, context_eve
     return records
 
 
-def encode_training(spec: FeatureSpec, data: Dataset) -> Encoded:
+def encode_training(cfg: TrainConfig, spec: FeatureSpec, data: Dataset) -> Encoded:
     train = np.flatnonzero(data.split.train)
     user, item = data.user[train], data.item[train]
     user_bags = {}
@@ -246,7 +234,10 @@ def encode_training(spec: FeatureSpec, data: Dataset) -> Encoded:
             per_user = spec.hash_values("user_id", data.user_ids.tolist())
             user_bags[f.name] = _single(per_user[user])
         elif f.name == HISTORY_FIELD:
-            codes, offsets = history_before_events(user, item, f.max_len)
+            # The basket task predicts a whole basket at its start, so its training examples
+            # see the history as of their basket's start, not the basket's earlier items.
+            at = basket_starts(user, data.basket[train]) if cfg.split == "last_basket" else None
+            codes, offsets = history_before_events(user, item, f.max_len, at=at)
             item_bucket = spec.hash_values(HISTORY_FIELD, data.catalog.ids.tolist())
             user_bags[f.name] = (item_bucket[codes], offsets)
         else:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from recserve import kernels
+from recserve.features.csr import find_sorted, group_pairs, take_bags
 from recserve.features.logs import lookup_ids, read_table
 from recserve.features.spec import FeatureSpec
 from recserve.trainer.config import TrainConfig
@@ -48,11 +49,9 @@ def file_test_set(path: Path, data: Dataset) -> TestSet:
     users, items = table["user_id"].astype(str), table["item_id"].astype(str)
     rows = lookup_ids(Path(path), "item_id", items, data.catalog.ids)
     uniq, inverse = np.unique(users, return_inverse=True)
-    pairs = np.unique(np.stack([inverse, rows], 1), axis=0)
-    _, first = np.unique(pairs[:, 0], return_index=True)
-    pos = np.minimum(np.searchsorted(data.user_ids, uniq), len(data.user_ids) - 1)
-    codes = np.where(data.user_ids[pos] == uniq, pos, -1)
-    return TestSet(codes, uniq, np.r_[first, len(pairs)].astype(np.int64), pairs[:, 1].astype(np.int64), None)
+    _, indptr, test_items = group_pairs(inverse, rows)
+    pos, known = find_sorted(data.user_ids, uniq)
+    return TestSet(np.where(known, pos, -1), uniq, indptr, test_items, None)
 
 
 def numpy_tables(model: TwoTower) -> dict[str, np.ndarray]:
@@ -83,17 +82,13 @@ def test_records(cfg: TrainConfig, data: Dataset, test: TestSet) -> list[dict]:
     return records
 
 
-def seen_csr(data: Dataset, users: np.ndarray):
-    """Items each user interacted with in training (for exclude_seen)."""
+def seen_bags(data: Dataset, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(item rows, offsets): the items each user interacted with in training (exclude_seen)."""
     train = data.split.train
-    pairs = np.unique(np.stack([data.user[train], data.item[train]], 1), axis=0)
-    starts = np.searchsorted(pairs[:, 0], users)
-    ends = np.searchsorted(pairs[:, 0], users, side="right")
-    ends = np.where(users >= 0, ends, starts)
-    indptr = np.zeros(len(users) + 1, np.int64)
-    np.cumsum(ends - starts, out=indptr[1:])
-    ids = np.concatenate([pairs[s:e, 1] for s, e in zip(starts, ends)]) if len(users) else np.zeros(0, np.int64)
-    return indptr, ids.astype(np.int64)
+    seen_users, indptr, items = group_pairs(data.user[train], data.item[train])
+    pos, known = find_sorted(seen_users, users)
+    # A user with no training events (a cold start) points at one extra, empty bag.
+    return take_bags((items, np.r_[indptr, indptr[-1]]), np.where(known, pos, len(seen_users)))
 
 
 def model_topk(model: TwoTower, cfg: TrainConfig, spec: FeatureSpec, data: Dataset, test: TestSet,
@@ -101,7 +96,7 @@ def model_topk(model: TwoTower, cfg: TrainConfig, spec: FeatureSpec, data: Datas
     model.eval()
     queries = user_vectors(model, spec, test_records(cfg, data, test))
     items = item_matrix(model, spec, data)
-    indptr, ids = seen_csr(data, test.users) if cfg.exclude_seen else (None, None)
+    ids, indptr = seen_bags(data, test.users) if cfg.exclude_seen else (None, None)
     _, rows = kernels.topk_inner_product(queries, items, k, exclude_indptr=indptr, exclude_ids=ids)
     return rows
 
@@ -111,14 +106,14 @@ def popularity_topk(cfg: TrainConfig, data: Dataset, test: TestSet, k: int) -> n
     when the config excludes them for the model too."""
     counts = data.train_item_counts.astype(np.float32)[:, None]
     queries = np.ones((len(test.users), 1), np.float32)
-    indptr, ids = seen_csr(data, test.users) if cfg.exclude_seen else (None, None)
+    ids, indptr = seen_bags(data, test.users) if cfg.exclude_seen else (None, None)
     _, rows = kernels.topk_inner_product(queries, counts, k, exclude_indptr=indptr, exclude_ids=ids)
     return rows
 
 
 def evaluate_run(run_dir: Path, baselines: tuple[str, ...] = BASELINES, test_path: Path | None = None,
                  progress: bool = True) -> dict[str, dict]:
-    from recserve.trainer.train import load_trained, train
+    from recserve.trainer.train import CONFIG, MODEL, load_trained, train
 
     run_dir = Path(run_dir)
     for b in baselines:
@@ -135,7 +130,7 @@ def evaluate_run(run_dir: Path, baselines: tuple[str, ...] = BASELINES, test_pat
     if "mf" in baselines and cfg.model != "mf":
         mf_dir = run_dir / "baselines" / "mf"
         mf_cfg = cfg.replace(model="mf")
-        if not (mf_dir / "model.pt").exists():
+        if not (mf_dir / MODEL).exists() or TrainConfig.from_json(mf_dir / CONFIG) != mf_cfg:
             train(mf_cfg, mf_dir, progress=progress, evaluate_each_epoch=False)
         mf_cfg, mf_spec, _, mf_model = load_trained(mf_dir)
         results["mf"] = retrieval_metrics(model_topk(mf_model, mf_cfg, mf_spec, data, test, k), test.indptr,

@@ -41,6 +41,7 @@ TENSORRT_ATOL = 2e-2  # FP16 kernels on unit-norm outputs
 GOLDEN_USERS = 4
 GOLDEN_K = 20
 OUTPUT_NAME = "user_vector"
+CPU_ONLY = {"providers": ["CPUExecutionProvider"]}
 ENGINE_ONNX, ENGINE_PLAN = "engine/user_tower.onnx", "engine/user_tower.plan"
 
 
@@ -62,7 +63,7 @@ def _check_onnx(tower: torch.nn.Module, names: list[str], dims: list[int], path:
     """Max relative error of ONNX Runtime vs torch on random pooled inputs of several batch sizes."""
     from recserve.server.engines import load_engine
 
-    engine = load_engine("onnx", path, threads=1)
+    engine = load_engine("onnx", path, threads=1, **CPU_ONLY)
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     for batch in (1, 7, 256):
@@ -76,19 +77,23 @@ def _check_onnx(tower: torch.nn.Module, names: list[str], dims: list[int], path:
     return worst
 
 
-def _golden_users(data) -> np.ndarray:
-    """A few test users spread over the id range (deterministic)."""
-    users = data.split.test_users
-    picks = np.linspace(0, len(users) - 1, num=min(GOLDEN_USERS, len(users))).round().astype(int)
-    return users[np.unique(picks)]
+def _golden_users(data) -> tuple[np.ndarray, np.ndarray]:
+    """A few test users spread over the id range (deterministic), with the held-out event
+    whose context columns their requests carry."""
+    split = data.split
+    picks = np.unique(np.linspace(0, len(split.test_users) - 1, num=min(GOLDEN_USERS, len(split.test_users)))
+                      .round().astype(int))
+    return split.test_users[picks], split.test_context_event[picks]
 
 
 def export_run(run_dir: Path, repo: Path, model_name: str, backends: tuple[str, ...] = ("onnx",),
                log=print) -> int:
     repository.validate_model_name(model_name)
     unknown = [b for b in backends if b not in BACKENDS]
-    if unknown or "onnx" not in backends:
-        raise ValueError(f"--backend: choose from {', '.join(BACKENDS)} (onnx is always exported); got {unknown}")
+    if unknown:
+        raise ValueError(f"--backend: unknown backend {unknown[0]!r} (choose from {', '.join(BACKENDS)})")
+    if "onnx" not in backends:
+        raise ValueError("--backend: onnx is always exported (the reference engine); add it to the list")
     if "tensorrt" in backends:
         from recserve.trainer.tensorrt_engine import unavailable_reason
 
@@ -147,9 +152,11 @@ def export_run(run_dir: Path, repo: Path, model_name: str, backends: tuple[str, 
             "golden": [],
         }
         repository.write_json(tmp / repository.MANIFEST, manifest)
-        # Golden outputs come from the server's own code reading the files just written.
-        served = RetrievalModel.load(tmp, verify=True)
-        records = user_records(data, _golden_users(data), cfg.history_len)
+        # Golden outputs come from the server's own code reading the files just written,
+        # on the CPU provider: the reference any server (CPU or GPU) is checked against.
+        served = RetrievalModel.load(tmp, verify=True, engine_options=CPU_ONLY)
+        users, context_events = _golden_users(data)
+        records = user_records(data, users, cfg.history_len, context_events)
         vectors = served.user_vectors(records)
         results = served.recommend(records, k=GOLDEN_K)
         manifest["golden"] = [
@@ -157,7 +164,7 @@ def export_run(run_dir: Path, repo: Path, model_name: str, backends: tuple[str, 
             for r, v, (ids, scores) in zip(records, vectors, results)
         ]
         repository.write_json(tmp / repository.MANIFEST, manifest)
-        RetrievalModel.load(tmp).check_golden()
+        RetrievalModel.load(tmp, engine_options=CPU_ONLY).check_golden()
 
     return repository.publish_version(Path(repo), model_name, build)
 

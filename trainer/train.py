@@ -27,8 +27,10 @@ import torch
 import torch.distributed as dist
 
 from recserve.features.spec import FeatureSpec
+from recserve.server.repository import write_json
 from recserve.trainer.config import TrainConfig
-from recserve.trainer.data import Dataset, build_spec, encode_training, load_dataset, take_bags
+from recserve.features.csr import take_bags
+from recserve.trainer.data import Dataset, build_spec, encode_training, load_dataset
 from recserve.trainer.model import TwoTower
 
 CONFIG, SPEC, CHECKPOINT, MODEL, METRICS, CURVES = (
@@ -58,12 +60,6 @@ def _init_distributed() -> World:
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
 
 
@@ -121,9 +117,11 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
     # kernels cost ~10 % per step on CPU and make a seed reproduce a run bit for bit.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
+    if cfg.batch_size % world.size:
+        raise ValueError(f"batch_size {cfg.batch_size} must divide evenly over {world.size} processes")
     data = load_dataset(cfg)
     spec = build_spec(cfg, data)
-    enc = encode_training(spec, data)
+    enc = encode_training(cfg, spec, data)
     torch.manual_seed(cfg.seed)
     # NCCL cannot all-reduce sparse gradients; gloo (CPU) can.
     model = TwoTower(spec, cfg, sparse=not (world.size > 1 and dist.get_backend() == "nccl"))
@@ -131,17 +129,21 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
     metrics = {"epochs": [], "step_loss": []}
     start_epoch = 0
     if resume:
-        state = torch.load(run_dir / CHECKPOINT, weights_only=False)
+        state = _load_checkpoint(run_dir / CHECKPOINT)
         if TrainConfig.from_dict(state["config"]).replace(epochs=cfg.epochs) != cfg:
             raise ValueError(f"{run_dir / CHECKPOINT}: was written with a different config (only epochs may change)")
+        if FeatureSpec.from_dict(json.loads((run_dir / SPEC).read_text())) != spec:
+            raise ValueError(f"{run_dir}: the training data changed since the checkpoint (feature spec differs)")
+        if state["epoch"] > cfg.epochs:
+            raise ValueError(f"{run_dir / CHECKPOINT}: already at epoch {state['epoch']}, more than epochs={cfg.epochs}")
         model.load_state_dict(state["model"])
         for opt, opt_state in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
         metrics, start_epoch = state["metrics"], state["epoch"]
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / CONFIG, cfg.to_dict())
-        _write_json(run_dir / SPEC, spec.to_dict())
+        write_json(run_dir / CONFIG, cfg.to_dict())
+        write_json(run_dir / SPEC, spec.to_dict())
     net = torch.nn.parallel.DistributedDataParallel(model) if world.size > 1 else model
 
     counts = np.bincount(enc.example_item, minlength=len(data.catalog)).astype(np.float64)
@@ -182,17 +184,37 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
         metrics["step_loss"].extend(losses)
         _atomic_save({"config": cfg.to_dict(), "model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                       "epoch": epoch + 1, "metrics": metrics}, run_dir / CHECKPOINT)
-        _write_json(run_dir / METRICS, _summary(metrics))
+        write_json(run_dir / METRICS, _summary(metrics))
         plot_curves(metrics, run_dir / CURVES)
         if progress:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in record.get("eval", {}).items())
             print(f"epoch {epoch + 1}: loss {record['loss']:.4f}, {record['examples_per_s']:,.0f} ex/s"
                   + (f", {shown}" if shown else ""), flush=True)
+    if world.size > 1:
+        _check_ranks_in_sync(model)
     if world.is_main:
         _atomic_save(model.state_dict(), run_dir / MODEL)
     if world.size > 1:
         dist.barrier()
     return _summary(metrics)
+
+
+def _check_ranks_in_sync(model: torch.nn.Module) -> None:
+    """Every rank must end with the same weights (DDP all-reduces every gradient)."""
+    mine = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    if any(not torch.equal(every[0], other) for other in every[1:]):
+        raise RuntimeError("distributed training ended with different weights on different ranks")
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from") from None
+    except Exception as e:  # a truncated or foreign file: pickle/zip errors of many kinds
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
 def _summary(metrics: dict) -> dict:

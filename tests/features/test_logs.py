@@ -30,6 +30,29 @@ def test_csv_gz_parquet_and_jsonl_read_the_same(tmp_path):
         assert ev.timestamp.dtype == np.int64 and ev.timestamp.tolist() == [1291191960, 1291191960, 1291191999]
 
 
+def test_parquet_timestamps_with_sub_second_parts_floor_to_seconds(tmp_path):
+    p = tmp_path / "ns.parquet"
+    ts = pa.array([1291191960_123456789, 1291191961_999999999], type=pa.timestamp("ns", tz="UTC"))
+    pq.write_table(pa.table({"user_id": ["1", "1"], "item_id": ["a", "b"], "timestamp": ts}), p)
+    assert read_interactions(p).timestamp.tolist() == [1291191960, 1291191961]
+
+
+def test_truncated_gzip_is_a_data_error(tmp_path):
+    p = tmp_path / "cut.csv.gz"
+    rows = "user_id,item_id,timestamp\n" + "".join(f"{i},item{i},{1291191960 + i}\n" for i in range(5000))
+    p.write_bytes(gzip.compress(rows.encode())[:2000])
+    with pytest.raises(DataError, match=r"cut\.csv\.gz: cannot read csv"):
+        read_interactions(p)
+
+
+def test_context_columns_read_as_text_with_missing_values(tmp_path):
+    p = tmp_path / "ctx.csv"
+    p.write_text("user_id,item_id,timestamp,store\n1,a,5,007\n1,b,6,\n")
+    assert read_interactions(p, string_columns=("store",)).columns["store"].tolist() == ["007", None]
+    with pytest.raises(DataError, match=r"ctx\.csv, column 'device': missing"):
+        read_interactions(p, string_columns=("device",))
+
+
 def test_iso_timestamps_are_unix_seconds(tmp_path):
     p = tmp_path / "iso.csv"
     p.write_text("user_id,item_id,timestamp\n1,a,2010-12-01T08:26:00\n1,b,2010-12-01 08:27:00\n")

@@ -35,10 +35,20 @@ def test_tokens_per_kind():
     assert spec.field("history").tokens(["A", "B", "C", "D"]) == ["item_id=A", "item_id=B", "item_id=C"]
     assert spec.field("description").tokens("WHITE Hanging-HEART t-light holder") == [
         "description=white", "description=hanging", "description=heart", "description=t"]
-    price = spec.field("price")
-    assert [price.tokens(v) for v in (0.5, 1.0, 2.49, 2.5, 99)] == [
-        ["price=0"], ["price=1"], ["price=1"], ["price=2"], ["price=3"]]
-    assert price.tokens(float("nan")) == []
+    # repeats in a sequence are dropped before truncation (history is distinct items)
+    assert spec.field("history").tokens(["A", "A", "B", "A", "C", "D"]) == ["item_id=A", "item_id=B", "item_id=C"]
+
+
+def test_bucketized_values_are_their_bin_rows_never_hashed():
+    spec = make_spec()
+    ids, offsets = spec.encode_field("price", [0.5, 1.0, None, 2.49, 2.5, float("nan"), 99])
+    assert ids.tolist() == [0, 1, 1, 2, 3] and offsets.tolist() == [0, 1, 2, 2, 3, 4, 4, 5]
+    # every bin has its own row: hashing a handful of bins into as many buckets would merge some
+    many = FeatureSpec(seed=0, tables=(Table("u", 8, 2), Table("p", 17, 2)), fields=(
+        Field("u", "user", "categorical", "u"),
+        Field("p", "item", "bucketized", "p", boundaries=tuple(range(1, 17)))))
+    ids, _ = many.encode_field("p", [x + 0.5 for x in range(17)])
+    assert ids.tolist() == list(range(17))
 
 
 def test_bad_raw_values_name_the_field():
@@ -46,7 +56,7 @@ def test_bad_raw_values_name_the_field():
     with pytest.raises(ValueError, match="'history'.*list"):
         spec.field("history").tokens("A")
     with pytest.raises(ValueError, match="'price'.*number"):
-        spec.field("price").tokens("cheap")
+        spec.encode_field("price", [1.0, "cheap"])
 
 
 def test_hashing_is_murmur3_of_the_token_mod_buckets():
@@ -95,6 +105,7 @@ def test_fingerprint_round_trip_and_sensitivity():
         (lambda d: d["fields"][0].update(side="middle"), "side must be"),
         (lambda d: d["fields"][0].update(kind="image"), "kind must be"),
         (lambda d: d["fields"][5].update(boundaries=[3.0, 1.0]), "strictly increasing"),
+        (lambda d: d["fields"][5].update(boundaries=[1.0, 2.0]), "needs exactly 3 buckets"),
         (lambda d: d["fields"].append(dict(d["fields"][0])), "duplicate field"),
         (lambda d: d.update(fields=[f for f in d["fields"] if f["side"] == "user"]), "no item fields"),
         (lambda d: d.update(version=99), "version 99"),

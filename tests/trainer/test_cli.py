@@ -41,6 +41,15 @@ def test_train_needs_interactions(tmp_path):
     assert_one_line_error(recserve("train", tmp_path / "run", "--resume"), "nothing to resume")
 
 
+def test_bad_config_values_and_resume_overrides_are_one_line_errors(tiny_run, tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{"interactions": "x.csv", "epochs": "3"}')
+    assert_one_line_error(recserve("train", tmp_path / "run", "--config", cfg), "config: epochs must be int, got '3'")
+    cfg.write_text('{"interactions": "x.csv", "learning_rate": 0.1}')
+    assert_one_line_error(recserve("train", tmp_path / "run", "--config", cfg), "unknown key 'learning_rate'")
+    assert_one_line_error(recserve("train", tiny_run, "--resume", "--lr", "0.5"), "only --epochs may change")
+
+
 def test_evaluate_prints_the_table(tiny_run):
     proc = recserve("evaluate", tiny_run, "--baselines", "popularity", "--quiet")
     assert proc.returncode == 0, proc.stderr

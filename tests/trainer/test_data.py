@@ -7,7 +7,8 @@ import pytest
 
 from recserve.features.logs import DataError
 from recserve.trainer.config import TrainConfig
-from recserve.trainer.data import build_spec, encode_training, load_dataset, take_bags, user_records
+from recserve.features.csr import take_bags
+from recserve.trainer.data import build_spec, encode_training, load_dataset, user_records
 
 LOG = """user_id,item_id,timestamp,invoice
 u1,a,10,100
@@ -49,6 +50,40 @@ def test_last_basket_holds_out_the_whole_last_invoice(log):
     assert (~data.split.train).sum() == 2
 
 
+def test_last_basket_holds_out_an_interleaved_invoice_whole(tmp_path):
+    p = tmp_path / "interleaved.csv"
+    # Invoices 7 and 8 share a timestamp and interleave in the file; 7 is the user's last.
+    p.write_text("user_id,item_id,timestamp,invoice\n"
+                 "u,a,1,5\nu,b,2,6\nu,c,3,8\nu,d,3,7\nu,e,3,8\nu,f,3,7\n")
+    data = load_dataset(TrainConfig(interactions=str(p), split="last_basket", min_events=4))
+    assert sorted(data.catalog.ids[data.split.test_items].tolist()) == ["d", "f"]
+    assert data.catalog.ids[data.item[data.split.train]].tolist() == ["a", "b", "c", "e"]
+    # 4 distinct invoices, not 5 runs: min_events=5 leaves nobody to test
+    with pytest.raises(DataError, match="no user has 5"):
+        load_dataset(TrainConfig(interactions=str(p), split="last_basket", min_events=5))
+
+
+def test_basket_task_trains_on_history_as_of_the_basket_start(log):
+    cfg = TrainConfig(interactions=str(log[0]), split="last_basket", min_events=3, history_len=5)
+    data = load_dataset(cfg)
+    spec = build_spec(cfg, data)
+    enc = encode_training(cfg, spec, data)
+    # u1's training events: a@10, e@15, then the basket {b, c, d}@20: each of the three sees
+    # [e, a], not the basket's own earlier items
+    want = spec.encode("user", [{"user_id": "u1", "history": ["e", "a"]}])["history"][0].tolist()
+    u1_rows = np.flatnonzero(enc.example_user == 0)
+    basket = [r for r in u1_rows if data.catalog.ids[enc.example_item[r]] in ("b", "c", "d")]
+    for r in basket:
+        assert take_bags(enc.user_bags["history"], np.array([r]))[0].tolist() == want
+
+
+def test_non_numeric_prices_name_file_row_column(log, tmp_path):
+    items = tmp_path / "prices.csv"
+    items.write_text("item_id,price\na,1.5\nb,cheap\n")
+    with pytest.raises(DataError, match=r"prices\.csv line 3, column 'price': 'cheap' is not a number"):
+        load_dataset(TrainConfig(interactions=str(log[0]), items=str(items), min_events=3))
+
+
 def test_no_testable_user_is_a_clear_error(log):
     with pytest.raises(DataError, match="no user has 50 or more events"):
         load_dataset(TrainConfig(interactions=str(log[0]), min_events=50))
@@ -73,11 +108,11 @@ def test_training_features_equal_the_serving_encoding(tiny_data):
     what spec.encode (the server's code) gives for that user's raw record at that moment."""
     from tests.trainer.conftest import tiny_config
 
-    cfg = tiny_config(tiny_data, context_columns=("invoice",))
+    cfg = tiny_config(tiny_data, context_columns=("invoice",))  # a context column (with values)
     data = load_dataset(cfg)
     spec = build_spec(cfg, data)
     assert [f.name for f in spec.fields] == ["user_id", "item_id", "history", "invoice", "description", "price"]
-    enc = encode_training(spec, data)
+    enc = encode_training(cfg, spec, data)
     train_pos = np.flatnonzero(data.split.train)
     rng = np.random.default_rng(0)
     for ex in rng.choice(len(train_pos), size=40, replace=False):

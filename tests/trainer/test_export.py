@@ -17,7 +17,7 @@ import torch
 from recserve.features.spec import FeatureSpec
 from recserve.server.repository import RepositoryError, list_versions, read_manifest, sha256_file
 from recserve.server.retrieval import RetrievalModel
-from recserve.trainer.evaluate import item_matrix, user_vectors
+from recserve.trainer.evaluate import item_matrix
 from recserve.trainer.export import ENGINE_ONNX, export_run
 from recserve.trainer.tensorrt_engine import unavailable_reason
 from recserve.trainer.train import load_trained
@@ -69,14 +69,18 @@ def test_golden_requests_reproduce_from_the_files_alone(repo, tiny_run):
     model.check_golden()
     golden = model.manifest["golden"]
     assert len(golden) >= 3 and all(len(g["items"]) == g["k"] for g in golden)
-    # ... and they are what the trained torch model computes (zero train/serve skew)
+    # ... and they are what the trained torch model computes (zero train/serve skew):
+    # torch's own pooling (F.embedding_bag, as in training) of the same bags
     cfg, spec, data, torch_model = load_trained(tiny_run)
     records = [g["request"] for g in golden]
-    np.testing.assert_allclose(user_vectors(torch_model, spec, records),
-                               np.array([g["user_vector"] for g in golden]), atol=1e-5)
+    bags = {name: (torch.from_numpy(i), torch.from_numpy(o)) for name, (i, o) in spec.encode("user", records).items()}
+    with torch.no_grad():
+        trained = torch_model.encode("user", bags).numpy()
+    np.testing.assert_allclose(trained, np.array([g["user_vector"] for g in golden]), atol=1e-5)
+    np.testing.assert_allclose(model.user_vectors(records), trained, atol=1e-5)
     items = item_matrix(torch_model, spec, data)
     np.testing.assert_allclose(items, np.load(version / "items/embeddings_f32.npy"), atol=1e-6)
-    scores = user_vectors(torch_model, spec, records) @ items.T
+    scores = trained @ items.T
     for g, s in zip(golden, scores):
         top = data.catalog.ids[np.argsort(-s, kind="stable")[: g["k"]]].tolist()
         assert top == g["items"]
@@ -154,7 +158,14 @@ def test_tensorrt_engine_matches_onnx(tiny_run, tmp_path):
     reason = unavailable_reason()
     if reason:
         pytest.skip(f"TensorRT export needs tensorrt and a GPU: {reason}")
-    version = export_run(tiny_run, tmp_path, "trt", backends=("onnx", "tensorrt"), log=lambda *_: None)
-    m = read_manifest(tmp_path / "trt" / str(version))
-    assert (tmp_path / "trt" / str(version) / m["engines"]["tensorrt"]["file"]).is_file()
-    assert m["engines"]["tensorrt"]["max_abs_error_vs_onnx"] <= 2e-2
+    from recserve.trainer.tensorrt_engine import run_plan
+
+    version_dir = tmp_path / "trt" / str(export_run(tiny_run, tmp_path, "trt", backends=("onnx", "tensorrt"),
+                                                     log=lambda *_: None))
+    m = read_manifest(version_dir)
+    session = ort.InferenceSession(str(version_dir / ENGINE_ONNX), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    for batch in (1, 64, 1024):  # the optimisation profile's ends and its optimum
+        feeds = {i.name: rng.standard_normal((batch, i.shape[1]), dtype=np.float32) for i in session.get_inputs()}
+        got = run_plan(version_dir / m["engines"]["tensorrt"]["file"], feeds)["user_vector"]
+        assert np.max(np.abs(got - session.run(None, feeds)[0])) <= 2e-2

@@ -57,6 +57,27 @@ def test_resume_ends_identical_to_an_uninterrupted_run(tiny_data, tiny_run, tmp_
 def test_resume_refuses_a_different_config(tiny_data, tiny_run):
     with pytest.raises(ValueError, match="different config"):
         train(tiny_config(tiny_data, lr=0.5), tiny_run, resume=True, progress=False)
+    with pytest.raises(ValueError, match="already at epoch 3, more than epochs=2"):
+        train(tiny_config(tiny_data, epochs=2), tiny_run, resume=True, progress=False)
+
+
+def test_resume_refuses_changed_data_and_broken_checkpoints(tiny_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    run = tmp_path / "run"
+    train(tiny_config(data, epochs=1), run, progress=False, evaluate_each_epoch=False)
+    items = data / "items.csv.gz"
+    import gzip
+
+    text = gzip.decompress(items.read_bytes()).decode()
+    items.write_bytes(gzip.compress((text + "NEW-ITEM,brand new thing,1.0\n").encode()))
+    with pytest.raises(ValueError, match="training data changed"):
+        train(tiny_config(data, epochs=2), run, resume=True, progress=False)
+    (run / CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        train(tiny_config(data, epochs=2), run, resume=True, progress=False)
 
 
 def test_run_directory_has_metrics_curves_and_a_model_that_learned(tiny_run):
@@ -74,7 +95,20 @@ def test_two_tower_beats_the_baselines_on_planted_structure(tiny_run):
     model, pop = results["two_tower (run)"], results["popularity"]
     assert model["recall@10"] > 1.2 * pop["recall@10"]
     assert model["ndcg@10"] > pop["ndcg@10"] and model["mrr@10"] > pop["mrr@10"]
-    assert results["mf"]["recall@10"] > 0  # trained and evaluated, not a placeholder row
+    assert results["mf"]["recall@10"] > pop["recall@10"]  # a learned baseline, not a placeholder row
+
+
+def test_mf_baseline_is_retrained_when_its_config_is_stale(tiny_run):
+    from recserve.trainer.config import TrainConfig as Config
+
+    mf_dir = tiny_run / "baselines" / "mf"
+    evaluate_run(tiny_run, baselines=("mf",), progress=False)
+    expected = Config.from_json(tiny_run / "config.json").replace(model="mf")
+    assert Config.from_json(mf_dir / "config.json") == expected
+    (mf_dir / "config.json").write_text(json.dumps(expected.replace(epochs=1).to_dict()))
+    evaluate_run(tiny_run, baselines=("mf",), progress=False)
+    assert Config.from_json(mf_dir / "config.json") == expected
+    assert len(json.loads((mf_dir / "metrics.json").read_text())["epochs"]) == expected.epochs
 
 
 def test_torchrun_two_processes_on_cpu(tiny_data, tmp_path):
@@ -83,11 +117,18 @@ def test_torchrun_two_processes_on_cpu(tiny_data, tmp_path):
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(tiny_config(tiny_data, epochs=2).to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "recserve.cli.main", "train", str(run), "--config", str(cfg_path), "--quiet"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
+
+    def torchrun(*extra):
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "-m", "recserve.cli.main", "train", str(run), "--config", str(cfg_path), "--quiet", *extra],
+            capture_output=True, text=True, timeout=300, env=env,
+        )
+
+    uneven = torchrun("--batch-size", "127")
+    assert uneven.returncode != 0 and "batch_size 127 must divide evenly over 2 processes" in uneven.stderr
+    proc = torchrun()
+    # train() all-gathers a weight checksum from every rank at the end and fails if they differ
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert [e["world_size"] for e in metrics["epochs"]] == [2, 2]
