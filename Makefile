@@ -17,7 +17,7 @@ CUDA_VENV ?= .venv-cuda
 CUDA_PY := $(CUDA_VENV)/bin/python
 CUDA_PIP := $(CUDA_PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
-NATIVE_SOURCES := CMakeLists.txt pyproject.toml $(shell find csrc kernels/cuda -type f 2>/dev/null)
+NATIVE_SOURCES := CMakeLists.txt pyproject.toml $(shell find csrc kernels/cuda proto -type f 2>/dev/null)
 
 .PHONY: test bench bench-deps bench-kernels bench-trainer bench-synthetic cuda-check clean
 
@@ -28,7 +28,7 @@ $(PY):
 # Build deps live in the venv and the install skips build isolation, so a
 # rebuild after editing C++ is incremental (build/<wheel tag>) and takes seconds.
 $(VENV)/.installed: $(PY) $(NATIVE_SOURCES)
-	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja "grpcio-tools>=1.66"
 	$(PIP) install -q --no-build-isolation -e ".[test,trainer]"
 	touch $@
 
@@ -54,7 +54,7 @@ bench-synthetic: bench-deps
 # module imports and passes the suite on a machine without a GPU or driver.
 cuda-check:
 	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja \
+	$(CUDA_PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja "grpcio-tools>=1.66" \
 	    nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-cccl
 	NVCC=$$($(CUDA_PY) -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'bin', 'nvcc'))"); \
 	RECSERVE_CUDA=ON $(CUDA_PIP) install -q --no-build-isolation -Cbuild-dir=build/cuda-check \

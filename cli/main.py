@@ -4,6 +4,8 @@
     recserve train runs/retail --resume
     recserve evaluate runs/retail [--baselines popularity,mf] [--test heldout.csv]
     recserve export runs/retail --repository models --model retail [--backend onnx,tensorrt]
+    recserve serve --repository models [--port 8500] [--config serve.json]
+    recserve recommend 17850 --model retail [--target localhost:8500] [--k 10] [--recent 85123A,71053]
     torchrun --nproc_per_node=2 -m recserve.cli.main train ...
 
 Each verb imports its implementation lazily (only train/evaluate/export load torch). Errors
@@ -75,6 +77,37 @@ def _cmd_export(args) -> None:
     print(version)
 
 
+def _cmd_serve(args) -> None:
+    import asyncio
+    import logging
+
+    from recserve.server.app import serve
+    from recserve.server.config import ServerConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig.from_sources(args.config, {
+        "repository": args.repository, "host": args.host, "port": args.port, "max_k": args.max_k,
+        "item_dtype": args.item_dtype, "batching.max_batch_size": args.max_batch_size,
+        "batching.max_queue_delay_us": args.max_queue_delay_us, "batching.max_queue_size": args.max_queue_size})
+    asyncio.run(serve(config))
+
+
+def _cmd_recommend(args) -> None:
+    import grpc
+
+    from recserve.clients import RecommendClient
+
+    with RecommendClient(args.target) as client:
+        try:
+            rec = client.recommend(args.model, args.user, k=args.k, recent_items=_csv(args.recent or ""),
+                                   exclude=_csv(args.exclude or ""), timeout=args.timeout)
+        except grpc.RpcError as e:
+            raise CliError(f"{e.code().name}: {e.details()}") from None
+    print(f"model {rec.model} version {rec.version}" + (f" variant {rec.variant}" if rec.variant else ""))
+    for rank, (item_id, score) in enumerate(rec, 1):
+        print(f"{rank:3d}  {item_id:<16} {score: .4f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recserve", description="recserve: train, export and serve recommenders")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -109,6 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="onnx", help="comma-separated: onnx (always), tensorrt")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_export)
+
+    p = verbs.add_parser("serve", help="serve a model repository over gRPC")
+    p.add_argument("--repository", help="model repository directory")
+    p.add_argument("--config", help="JSON server config; flags override it")
+    p.add_argument("--host", help="bind address (default [::])")
+    p.add_argument("--port", type=int, help="gRPC port (default 8500; 0: any free port)")
+    p.add_argument("--max-k", type=int)
+    p.add_argument("--item-dtype", choices=("float32", "float16"))
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--max-queue-delay-us", type=int)
+    p.add_argument("--max-queue-size", type=int)
+    p.set_defaults(func=_cmd_serve)
+
+    p = verbs.add_parser("recommend", help="ask a running server for one user's top-k items")
+    p.add_argument("user")
+    p.add_argument("--model", required=True)
+    p.add_argument("--target", default="localhost:8500")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--recent", help="comma-separated recent item ids, newest first")
+    p.add_argument("--exclude", help="comma-separated item ids never to return")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=_cmd_recommend)
     return parser
 
 

@@ -20,6 +20,9 @@ import numpy as np
 
 from recserve.features.csr import take_bags
 
+# The raw-record key (a field's ``source``) under which a user's history travels.
+HISTORY_SOURCE = "history"
+
 
 def sort_events(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
     """Stable order by (user, timestamp); equal timestamps keep file order."""

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from recserve.features.csr import group_pairs, take_bags
+from recserve.features.history import HISTORY_SOURCE
 from recserve.features.history import history_at_end, history_before_events, sort_events
 from recserve.features.logs import DataError, location, read_interactions, read_table
 from recserve.features.spec import FeatureSpec, Field, Table
 from recserve.trainer.config import TrainConfig
 
-HISTORY_FIELD = "history"
 TEXT_MAX_LEN = 16
 CONTEXT_BUCKETS = 1024
 
@@ -161,7 +161,7 @@ def build_spec(cfg: TrainConfig, data: Dataset) -> FeatureSpec:
     fields = [Field("user_id", "user", "categorical", "user_id"), Field("item_id", "item", "categorical", "item_id")]
     if cfg.model == "two_tower":
         if cfg.history_len > 0:
-            fields.append(Field(HISTORY_FIELD, "user", "sequence", "item_id", max_len=cfg.history_len))
+            fields.append(Field(HISTORY_SOURCE, "user", "sequence", "item_id", max_len=cfg.history_len))
         for name in cfg.context_columns:
             tables.append(Table(name, CONTEXT_BUCKETS, cfg.small_dim))
             fields.append(Field(name, "user", "categorical", name))
@@ -217,7 +217,7 @@ def user_records(data: Dataset, users: np.ndarray, history_len: int, context_eve
         r = {"user_id": str(data.user_ids[u])}
         if history_len > 0:
             has = pos[j] < len(bag_users) and bag_users[pos[j]] == u
-            r[HISTORY_FIELD] = ids[idx[off[pos[j]]:off[pos[j] + 1]]].tolist() if has else []
+            r[HISTORY_SOURCE] = ids[idx[off[pos[j]]:off[pos[j] + 1]]].tolist() if has else []
         if context_event is not None:
             for c, values in data.context.items():
                 r[c] = str(values[context_event[j]])
@@ -233,12 +233,12 @@ def encode_training(cfg: TrainConfig, spec: FeatureSpec, data: Dataset) -> Encod
         if f.name == "user_id":
             per_user = spec.hash_values("user_id", data.user_ids.tolist())
             user_bags[f.name] = _single(per_user[user])
-        elif f.name == HISTORY_FIELD:
+        elif f.name == HISTORY_SOURCE:
             # The basket task predicts a whole basket at its start, so its training examples
             # see the history as of their basket's start, not the basket's earlier items.
             at = basket_starts(user, data.basket[train]) if cfg.split == "last_basket" else None
             codes, offsets = history_before_events(user, item, f.max_len, at=at)
-            item_bucket = spec.hash_values(HISTORY_FIELD, data.catalog.ids.tolist())
+            item_bucket = spec.hash_values(HISTORY_SOURCE, data.catalog.ids.tolist())
             user_bags[f.name] = (item_bucket[codes], offsets)
         else:
             user_bags[f.name] = _categorical(spec, f.name, data.context[f.source][train])

@@ -1,0 +1,169 @@
+"""The gRPC server: recserve.v1 services, health and reflection on one port.
+
+    recserve serve --repository models [--port 8500] [--config serve.json]
+
+    server = await create_server(config)      # binds (port 0: any free port), loads models
+    await server.start(); ...; await server.drain()
+
+Health (grpc.health.v1) reports NOT_SERVING until every model has a version loaded and
+again while draining. SIGTERM/SIGINT: NOT_SERVING, refuse new requests (UNAVAILABLE),
+let in-flight ones finish (up to drain_timeout_s), stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from recserve.server.config import ServerConfig
+from recserve.server.errors import InvalidRequest, NotReady, ServingError
+from recserve.server.models import ModelRegistry
+from recserve.server.recommend import Query
+from recserve.v1 import recommend_pb2, recommend_pb2_grpc
+
+log = logging.getLogger(__name__)
+RECOMMEND_SERVICE = recommend_pb2.DESCRIPTOR.services_by_name["RecommendService"].full_name
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """ServingError -> its status and message; anything else -> INTERNAL with a request id."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        behavior = handler.unary_unary
+
+        async def guarded(request, context):
+            try:
+                return await behavior(request, context)
+            except ServingError as e:
+                await context.abort(e.code, e.message)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception:
+                request_id = uuid.uuid4().hex[:12]
+                log.exception("internal error in %s (request id %s)", handler_call_details.method, request_id)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
+    """Thin: protobuf <-> domain types; the registry and batcher do the work."""
+
+    def __init__(self, registry: ModelRegistry, config: ServerConfig):
+        self.registry = registry
+        self.config = config
+        self.draining = False
+
+    def _query(self, request) -> Query:
+        if not request.user_id:
+            raise InvalidRequest("user_id is empty")
+        if not 1 <= request.k <= self.config.max_k:
+            raise InvalidRequest(f"k must be in 1..{self.config.max_k}, got {request.k}")
+        return Query(user_id=request.user_id, k=request.k, context=dict(request.context),
+                     exclude=tuple(request.exclude_item_ids), recent_items=tuple(request.recent_item_ids))
+
+    async def _recommend(self, request, deadline):
+        if self.draining:
+            raise NotReady("server is draining; retry on another replica")
+        if not request.model:
+            raise InvalidRequest("model is empty")
+        served = self.registry.get(request.model, request.version if request.HasField("version") else None)
+        result = await served.submit(self._query(request), deadline)
+        return recommend_pb2.RecommendResponse(item_ids=result.item_ids, scores=result.scores, model=served.name,
+                                               version=served.version, variant=served.variant)
+
+    @staticmethod
+    def _deadline(context) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+    async def Recommend(self, request, context):
+        return await self._recommend(request, self._deadline(context))
+
+    async def BatchRecommend(self, request, context):
+        if not request.requests:
+            raise InvalidRequest("requests is empty")
+        deadline = self._deadline(context)
+        responses = await asyncio.gather(*(self._recommend(r, deadline) for r in request.requests),
+                                         return_exceptions=True)
+        for i, r in enumerate(responses):
+            if isinstance(r, ServingError):
+                raise type(r)(f"requests[{i}]: {r.message}")
+            if isinstance(r, BaseException):
+                raise r
+        return recommend_pb2.BatchRecommendResponse(responses=responses)
+
+
+class RecserveServer:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.executor = ThreadPoolExecutor(max_workers=config.compute_threads, thread_name_prefix="recserve-compute")
+        self.registry = ModelRegistry(config, self.executor)
+        self.grpc = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        self.servicer = RecommendServicer(self.registry, config)
+        self.health = health.aio.HealthServicer()
+        recommend_pb2_grpc.add_RecommendServiceServicer_to_server(self.servicer, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (RECOMMEND_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.grpc)
+        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {config.host}:{config.port}")
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", RECOMMEND_SERVICE):
+            await self.health.set(service, status)
+
+    async def start(self) -> None:
+        """Start answering (health NOT_SERVING), then load the models (SERVING when all are)."""
+        await self._set_health(False)
+        await self.grpc.start()
+        log.info("listening on %s:%d", self.config.host, self.port)
+        await self.registry.load_all()
+        if self.registry.ready and not self.servicer.draining:
+            await self._set_health(True)
+
+    async def drain(self) -> None:
+        self.servicer.draining = True
+        await self._set_health(False)
+        await self.grpc.stop(grace=self.config.drain_timeout_s)
+        await self.registry.close()
+        self.executor.shutdown(wait=True)
+
+    async def wait(self) -> None:
+        await self.grpc.wait_for_termination()
+
+
+async def create_server(config: ServerConfig) -> RecserveServer:
+    """A started server with its models loaded; ``server.port`` is the bound port."""
+    server = RecserveServer(config)
+    await server.start()
+    return server
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM/SIGINT, then drain."""
+    server = RecserveServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"recserve serving {', '.join(server.registry.models) or 'no models'} on port {server.port}", flush=True)
+    await stop.wait()
+    log.info("draining (up to %.0f s)", config.drain_timeout_s)
+    await server.drain()

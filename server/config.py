@@ -1,0 +1,88 @@
+"""Server configuration: parsed once (CLI flags over an optional JSON file) into frozen dataclasses.
+
+    cfg = ServerConfig.from_sources(config_file="serve.json", overrides={"port": 9000})
+
+serve.json example (every key optional except repository):
+    {"repository": "models", "port": 8500,
+     "batching": {"max_batch_size": 64, "max_queue_delay_us": 500, "max_queue_size": 1024}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 500  # how long the first request of a batch waits for company
+    max_queue_size: int = 1024  # waiting requests per model version; beyond: RESOURCE_EXHAUSTED
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_queue_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"config: batching.{name} must be an integer >= 1")
+        if not isinstance(self.max_queue_delay_us, int) or self.max_queue_delay_us < 0:
+            raise ValueError("config: batching.max_queue_delay_us must be an integer >= 0")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    repository: str
+    host: str = "[::]"
+    port: int = 8500
+    max_k: int = 1000
+    item_dtype: str = "float32"  # item matrix precision: float32 or float16 (half the bytes)
+    engine_threads: int = 0  # ONNX Runtime intra-op threads (0: its default)
+    compute_threads: int = 1  # batches computed at once (each already uses the cores)
+    drain_timeout_s: float = 30.0
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+    def __post_init__(self):
+        if not isinstance(self.repository, str) or not self.repository:
+            raise ValueError("config: repository must be a directory path")
+        if not isinstance(self.port, int) or not 0 <= self.port < 65536:
+            raise ValueError(f"config: port must be 0..65535, got {self.port!r}")
+        if not isinstance(self.max_k, int) or self.max_k < 1:
+            raise ValueError("config: max_k must be an integer >= 1")
+        if self.item_dtype not in ("float32", "float16"):
+            raise ValueError(f"config: item_dtype must be float32 or float16, got {self.item_dtype!r}")
+        if not isinstance(self.compute_threads, int) or self.compute_threads < 1:
+            raise ValueError("config: compute_threads must be an integer >= 1")
+        if not isinstance(self.drain_timeout_s, (int, float)) or self.drain_timeout_s < 0:
+            raise ValueError("config: drain_timeout_s must be >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ServerConfig:
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config: unknown key {unknown[0]!r}")
+        batching = d.pop("batching", {})
+        try:
+            return cls(batching=BatchingConfig(**batching), **d)
+        except TypeError as e:
+            raise ValueError(f"config: {e}") from None
+
+    @classmethod
+    def from_sources(cls, config_file: str | None = None, overrides: dict | None = None) -> ServerConfig:
+        base: dict = {}
+        if config_file:
+            try:
+                base = json.loads(Path(config_file).read_text())
+            except FileNotFoundError:
+                raise ValueError(f"{config_file}: no such config file") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+        for key, value in (overrides or {}).items():
+            if value is None:
+                continue
+            if key.startswith("batching."):
+                base.setdefault("batching", {})[key.split(".", 1)[1]] = value
+            else:
+                base[key] = value
+        return cls.from_dict(base)

@@ -1,0 +1,39 @@
+"""Domain errors of the serving path, each with the gRPC status it means (architecture.md §6).
+
+Handlers raise these; the error interceptor turns them into the status and message. Any
+other exception is a bug: INTERNAL with a request id, logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServingError(Exception):
+    code = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(ServingError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFound(ServingError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class NotReady(ServingError):
+    """Model loading or failed, or the server draining: retry elsewhere or later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class QueueFull(ServingError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExpired(ServingError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED

@@ -1,0 +1,55 @@
+"""The Recommend computation for a batch of queries against one loaded model version.
+
+    source = RequestFeatures()                          # the feature seam
+    results = recommend_batch(model, source, queries)   # one result per query, in order
+
+Pipeline: features (``FeatureSource.user_records``) -> ``RetrievalModel``: hash ->
+embedding_bag on memory-mapped tables -> engine -> topk_inner_product with each query's
+exclusions. Queries of one batch may ask for different k: the batch runs at the largest
+k and each result is cut to its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from recserve.server.retrieval import RetrievalModel
+from recserve.features.history import HISTORY_SOURCE
+
+
+@dataclass(frozen=True)
+class Query:
+    user_id: str
+    k: int
+    context: Mapping[str, str] = field(default_factory=dict)
+    exclude: tuple[str, ...] = ()
+    recent_items: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Result:
+    item_ids: list[str]
+    scores: list[float]
+
+
+class FeatureSource(Protocol):
+    """Where a user's raw features come from: the request now, LMDB with the feature store."""
+
+    def user_records(self, queries: Sequence[Query]) -> list[dict]: ...
+
+
+class RequestFeatures:
+    """Features carried by the request: context values, the user id, recent items."""
+
+    def user_records(self, queries: Sequence[Query]) -> list[dict]:
+        return [{**q.context, "user_id": q.user_id, HISTORY_SOURCE: list(q.recent_items)} for q in queries]
+
+
+def recommend_batch(model: RetrievalModel, source: FeatureSource, queries: Sequence[Query]) -> list[Result]:
+    records = source.user_records(queries)
+    k = max(q.k for q in queries)
+    exclude = [q.exclude for q in queries] if any(q.exclude for q in queries) else None
+    ranked = model.recommend(records, k, exclude=exclude)
+    return [Result(ids[: q.k], scores[: q.k]) for q, (ids, scores) in zip(queries, ranked)]
