@@ -1,0 +1,81 @@
+"""A real recserve server on port 0 (in a thread with its own event loop) and an exported model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from recserve.server.app import RecserveServer
+from recserve.server.config import BatchingConfig, ServerConfig
+from tests.trainer.conftest import tiny_config, tiny_data  # noqa: F401 (tiny_data: a shared fixture)
+
+
+class ServerThread:
+    """Runs RecserveServer on a private event loop; tests talk to it through real clients."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.server: RecserveServer | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.server = RecserveServer(self.config)
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as e:  # surface start-up failures in the test thread
+            self._error = e
+            self._started.set()
+            return
+        self._started.set()
+        self.loop.run_forever()
+
+    def call(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def target(self) -> str:
+        return f"localhost:{self.server.port}"
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self._started.wait(60)
+        if self._error:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.server is not None and not self.server.servicer.draining:
+            self.call(self.server.drain())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)
+
+
+def server_config(repo: Path, **batching) -> ServerConfig:
+    return ServerConfig(repository=str(repo), host="localhost", port=0, drain_timeout_s=5,
+                        batching=BatchingConfig(**batching))
+
+
+@pytest.fixture(scope="session")
+def repo(tiny_data, tmp_path_factory) -> Path:
+    """A repository with one exported tiny model ("tiny", version 1)."""
+    from recserve.trainer.export import export_run
+    from recserve.trainer.train import train
+
+    run = tmp_path_factory.mktemp("server-run")
+    train(tiny_config(tiny_data, epochs=2), run, progress=False, evaluate_each_epoch=False)
+    repo = tmp_path_factory.mktemp("server-repo")
+    export_run(run, repo, "tiny", log=lambda *_: None)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    with ServerThread(server_config(repo, max_batch_size=32, max_queue_delay_us=2000)) as s:
+        yield s

@@ -1,0 +1,175 @@
+"""A real server on port 0 driven through the real client: results, batching, errors, health."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from recserve.clients import RecommendClient
+from recserve.server.retrieval import RetrievalModel
+from tests.server.conftest import ServerThread, server_config
+
+
+def golden(repo):
+    return json.loads((repo / "tiny/1/manifest.json").read_text())["golden"]
+
+
+def test_golden_users_get_the_manifest_top_k(server, repo):
+    """Zero train/serve skew: the served answer is what export promised."""
+    with RecommendClient(server.target) as client:
+        for g in golden(repo):
+            request = g["request"]
+            rec = client.recommend("tiny", request["user_id"], k=g["k"], recent_items=request["history"],
+                                   context={k: v for k, v in request.items() if k not in ("user_id", "history")})
+            assert rec.item_ids == g["items"]
+            assert rec.scores == pytest.approx(g["scores"], abs=1e-5)
+            assert (rec.model, rec.version) == ("tiny", 1)
+
+
+def test_batch_recommend_equals_offline_computation(server, repo):
+    offline = RetrievalModel.load(repo / "tiny/1")
+    users = [str(u) for u in range(40)]
+    histories = [[f"I{(u * 7 + j) % 120:03d}" for j in range(u % 5)] for u in range(40)]
+    with RecommendClient(server.target) as client:
+        recs = client.batch_recommend("tiny", users, k=7, recent_items=histories)
+    expected = offline.recommend([{"user_id": u, "history": h} for u, h in zip(users, histories)], k=7)
+    assert [r.item_ids for r in recs] == [ids for ids, _ in expected]
+    for r, (_, scores) in zip(recs, expected):
+        assert r.scores == pytest.approx(scores, abs=1e-6)
+
+
+def test_64_concurrent_callers_each_get_their_own_answer(server, repo):
+    offline = RetrievalModel.load(repo / "tiny/1")
+    served = server.server.registry.get("tiny")
+    batches_before, items_before = served.batcher.batches, served.batcher.items
+    users = [f"user-{i}" for i in range(64)]
+    with RecommendClient(server.target) as client, ThreadPoolExecutor(64) as pool:
+        recs = list(pool.map(lambda u: client.recommend("tiny", u, k=5, recent_items=[f"I{len(u):03d}"],
+                                                        exclude=["I001"]), users))
+    expected = offline.recommend([{"user_id": u, "history": [f"I{len(u):03d}"]} for u in users], k=5,
+                                 exclude=[["I001"]] * len(users))
+    assert [r.item_ids for r in recs] == [ids for ids, _ in expected]
+    assert all("I001" not in r.item_ids for r in recs)
+    assert served.batcher.items - items_before == 64
+    assert served.batcher.batches - batches_before < 64  # requests were batched
+
+
+@pytest.mark.parametrize(
+    "kwargs, code, message",
+    [
+        (dict(model="nope", user_id="1", k=5), grpc.StatusCode.NOT_FOUND, "unknown model 'nope' (models: tiny)"),
+        (dict(model="tiny", user_id="1", k=5, version=9), grpc.StatusCode.NOT_FOUND, "has no version 9"),
+        (dict(model="tiny", user_id="", k=5), grpc.StatusCode.INVALID_ARGUMENT, "user_id is empty"),
+        (dict(model="tiny", user_id="1", k=0), grpc.StatusCode.INVALID_ARGUMENT, "k must be in 1..1000, got 0"),
+        (dict(model="tiny", user_id="1", k=1001), grpc.StatusCode.INVALID_ARGUMENT, "got 1001"),
+        (dict(model="", user_id="1", k=5), grpc.StatusCode.INVALID_ARGUMENT, "model is empty"),
+    ],
+)
+def test_error_statuses_and_messages(server, kwargs, code, message):
+    with RecommendClient(server.target) as client:
+        with pytest.raises(grpc.RpcError) as e:
+            client.recommend(kwargs.pop("model"), kwargs.pop("user_id"), **kwargs)
+    assert e.value.code() == code
+    assert message in e.value.details()
+
+
+def test_batch_errors_name_the_request(server):
+    with RecommendClient(server.target) as client:
+        with pytest.raises(grpc.RpcError) as e:
+            client.batch_recommend("tiny", ["a", ""], k=3)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == "requests[1]: user_id is empty"
+
+
+def test_health_and_reflection(server):
+    channel = grpc.insecure_channel(server.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "recserve.v1.RecommendService"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    services = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"recserve.v1.RecommendService", "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection"} <= services
+    channel.close()
+
+
+def test_expired_requests_are_dropped_before_compute(repo):
+    # The first request of a batch waits up to 300 ms for company; its caller gives up at 50 ms.
+    with ServerThread(server_config(repo, max_batch_size=64, max_queue_delay_us=300_000)) as s, \
+            RecommendClient(s.target) as client:
+        with pytest.raises(grpc.RpcError) as e:
+            client.recommend("tiny", "1", k=3, timeout=0.05)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.5)
+        assert s.server.registry.get("tiny").batcher.items == 0  # never computed
+        assert client.recommend("tiny", "1", k=3, timeout=5).item_ids  # the server is fine
+
+
+def test_a_full_queue_answers_resource_exhausted_at_once(repo):
+    with ServerThread(server_config(repo, max_batch_size=64, max_queue_delay_us=1_000_000, max_queue_size=2)) as s, \
+            RecommendClient(s.target) as client, ThreadPoolExecutor(2) as pool:
+        waiting = [pool.submit(client.recommend, "tiny", str(i), 3) for i in range(2)]
+        deadline = time.monotonic() + 5
+        while s.server.registry.get("tiny").batcher.queued < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            client.recommend("tiny", "3", k=3)
+        assert time.monotonic() - started < 0.5
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_queue_size 2" in e.value.details()
+        assert all(len(f.result(10).item_ids) == 3 for f in waiting)  # the queued ones are answered
+
+
+def test_a_model_without_a_loadable_version_is_unavailable_with_the_reason(repo, tmp_path):
+    broken = tmp_path / "repo"
+    shutil.copytree(repo, broken)
+    manifest = broken / "tiny/1/manifest.json"
+    m = json.loads(manifest.read_text())
+    m["golden"][0]["user_vector"][0] += 0.5
+    manifest.write_text(json.dumps(m))
+    with ServerThread(server_config(broken)) as s, RecommendClient(s.target) as client:
+        with pytest.raises(grpc.RpcError) as e:
+            client.recommend("tiny", "1", k=3)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no loadable version" in e.value.details() and "user vector differs" in e.value.details()
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(s.target))
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(repo):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recserve.cli", "serve", "--repository", str(repo), "--host", "localhost",
+         "--port", "0", "--max-queue-delay-us", "500000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "serving tiny on port" in line, proc.stderr.read() if proc.poll() is not None else line
+        target = f"localhost:{int(line.rsplit(' ', 1)[1])}"
+        with RecommendClient(target) as client, ThreadPoolExecutor(8) as pool:
+            in_flight = [pool.submit(client.recommend, "tiny", str(i), 4, timeout=10) for i in range(8)]
+            time.sleep(0.15)  # they now wait in the batcher (500 ms batching window)
+            os.kill(proc.pid, signal.SIGTERM)
+            assert [len(f.result(10).item_ids) for f in in_flight] == [4] * 8
+        assert proc.wait(15) == 0
+        with RecommendClient(target) as client, pytest.raises(grpc.RpcError) as e:
+            client.recommend("tiny", "1", k=3, timeout=2)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        if proc.poll() is None:
+            proc.kill()
