@@ -1,6 +1,7 @@
 # recserve developer entry points.
 #
 #   make test        .venv (created if missing) + editable install with test extras + pytest
+#   make demo        train on the bundled data, export, serve, query through the client, stop
 #   make bench       all benchmarks in bench/ (installs the bench extras: torch, faiss-cpu);
 #                    one at a time: make bench-kernels | bench-trainer | bench-synthetic
 #   make cuda-check  builds the CUDA kernels with NVIDIA's nvcc from PyPI (no GPU needed)
@@ -19,7 +20,7 @@ CUDA_PIP := $(CUDA_PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 NATIVE_SOURCES := CMakeLists.txt pyproject.toml $(shell find csrc kernels/cuda proto -type f 2>/dev/null)
 
-.PHONY: test bench bench-deps bench-kernels bench-trainer bench-synthetic cuda-check clean
+.PHONY: test demo bench bench-deps bench-kernels bench-trainer bench-synthetic cuda-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,11 @@ $(VENV)/.installed: $(PY) $(NATIVE_SOURCES)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Train on ../shared/data/online-retail, export, serve, query through the client, stop.
+demo: $(VENV)/.installed
+	rm -rf build/demo
+	$(PY) -m recserve.cli demo --work build/demo
 
 bench: bench-kernels bench-trainer bench-synthetic
 

@@ -6,6 +6,7 @@
     recserve export runs/retail --repository models --model retail [--backend onnx,tensorrt]
     recserve serve --repository models [--port 8500] [--config serve.json]
     recserve recommend 17850 --model retail [--target localhost:8500] [--k 10] [--recent 85123A,71053]
+    recserve demo [--data ../shared/data/online-retail] [--work build/demo]
     torchrun --nproc_per_node=2 -m recserve.cli.main train ...
 
 Each verb imports its implementation lazily (only train/evaluate/export load torch). Errors
@@ -108,6 +109,12 @@ def _cmd_recommend(args) -> None:
         print(f"{rank:3d}  {item_id:<16} {score: .4f}")
 
 
+def _cmd_demo(args) -> None:
+    from recserve.cli.demo import default_data, run_demo
+
+    run_demo(Path(args.data) if args.data else default_data(), Path(args.work), args.epochs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recserve", description="recserve: train, export and serve recommenders")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -164,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", help="comma-separated item ids never to return")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=_cmd_recommend)
+
+    p = verbs.add_parser("demo", help="train on Online Retail, export, serve, query, stop")
+    p.add_argument("--data", help="directory with interactions.csv.gz and items.csv.gz "
+                                  "(default: ../shared/data/online-retail)")
+    p.add_argument("--work", default="build/demo", help="where the run and the model repository go")
+    p.add_argument("--epochs", type=int, default=3)
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -1,0 +1,25 @@
+"""`recserve demo` end to end on the tiny dataset (make demo runs it on Online Retail)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_demo_trains_exports_serves_queries_and_stops(tiny_data, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "recserve.cli", "demo", "--data", str(tiny_data), "--work",
+                           str(tmp_path), "--epochs", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for step in ("==> training", "==> exporting", "published retail version 1", "==> starting `recserve serve`",
+                 "==> Recommend(user", "==> stopping the server", "server exited with status 0"):
+        assert step in out, step
+    assert out.count("(model retail v1,") == 3  # three users answered by the live server
+    assert (tmp_path / "models/retail/1/manifest.json").is_file()
+
+
+def test_demo_without_data_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "recserve.cli", "demo", "--data", str(tmp_path / "none"),
+                           "--work", str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith("demo data not found (pass --data DIR)")
