@@ -35,10 +35,21 @@ RECOMMEND_SERVICE = recommend_pb2.DESCRIPTOR.services_by_name["RecommendService"
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """ServingError -> its status and message; anything else -> INTERNAL with a request id."""
 
+    def __init__(self):
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # one wrapper per method, not per call
+
     async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
+        self._wrapped[method] = self._wrap(handler, method)
+        return self._wrapped[method]
+
+    @staticmethod
+    def _wrap(handler, method: str):
         behavior = handler.unary_unary
 
         async def guarded(request, context):
@@ -50,7 +61,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 raise
             except Exception:
                 request_id = uuid.uuid4().hex[:12]
-                log.exception("internal error in %s (request id %s)", handler_call_details.method, request_id)
+                log.exception("internal error in %s (request id %s)", method, request_id)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
 
         return grpc.unary_unary_rpc_method_handler(

@@ -84,7 +84,7 @@ class DynamicBatcher:
             await self._arrived.wait()
         loop = asyncio.get_running_loop()
         close_at = loop.time() + self._config.max_queue_delay_us / 1e6
-        while len(self._queue) < self._config.max_batch_size:
+        while self._config.max_queue_delay_us and len(self._queue) < self._config.max_batch_size:
             remaining = close_at - loop.time()
             if remaining <= 0:
                 break

@@ -4,7 +4,7 @@
 
 serve.json example (every key optional except repository):
     {"repository": "models", "port": 8500,
-     "batching": {"max_batch_size": 64, "max_queue_delay_us": 500, "max_queue_size": 1024}}
+     "batching": {"max_batch_size": 64, "max_queue_delay_us": 0, "max_queue_size": 1024}}
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from pathlib import Path
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch_size: int = 64
-    max_queue_delay_us: int = 500  # how long the first request of a batch waits for company
+    # How long the first request of a batch may wait for company. 0 (default): never wait;
+    # requests that arrive while a batch computes form the next batch, so batches grow
+    # with load and a lone request is not delayed.
+    max_queue_delay_us: int = 0
     max_queue_size: int = 1024  # waiting requests per model version; beyond: RESOURCE_EXHAUSTED
 
     def __post_init__(self):

@@ -1,0 +1,182 @@
+"""Serving benchmark: Recommend latency and throughput vs a bare gRPC floor (and Triton).
+
+Usage::
+
+    .venv/bin/python bench/serve.py                     # builds the models once into build/bench-serve
+    .venv/bin/python bench/serve.py --seconds 5 --rounds 3 --concurrency 1,8,64
+    .venv/bin/python bench/serve.py --triton-python /path/to/triton-venv/bin/python
+
+Models: two-tower models trained (1 epoch) on synthetic data with 10,000 and 1,000,000
+items, exported with `recserve export` — the real pipeline (hash -> embedding_bag on
+mmap'd tables -> ONNX Runtime -> fused top-k), k = 20. Every server and the load
+generator (bench/serve_load.py, closed loop) are separate processes on this machine.
+
+Contenders, same run, same requests (users with their recent items):
+  floor     a bare grpc.aio RecommendService returning a precomputed 20-item reply
+  recserve  `recserve serve` on the 10k-item model (and on the 1M-item model at c=64)
+  triton    (with --triton-python) the same pipeline in NVIDIA Triton via pytriton
+Targets (server issue): p50 at c=1 within 1.3x of the floor; c=64 throughput >= 2x
+Triton's; 1M items at c=64 >= 400 req/s with p95 < 100 ms. Writes bench/results/serve.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+
+HERE = Path(__file__).resolve().parent
+K = 20
+N_REQUEST_USERS = 2000
+
+
+def build_model(work: Path, n_items: int) -> tuple[Path, Path]:
+    """Synthetic data -> 1-epoch two-tower run -> repository; returns (repository, requests.json)."""
+    from recserve.trainer.config import TrainConfig
+    from recserve.trainer.data import user_records
+    from recserve.trainer.export import export_run
+    from recserve.trainer.synthetic import SyntheticConfig, write_dataset
+    from recserve.trainer.train import load_trained, train
+
+    base = work / f"items-{n_items}"
+    repo, requests = base / "repo", base / "requests.json"
+    if (repo / "m" / "1" / "manifest.json").exists() and requests.exists():
+        return repo, requests
+    data = base / "data"
+    write_dataset(SyntheticConfig(n_users=20_000, n_items=n_items, n_clusters=50, seed=1), data)
+    cfg = TrainConfig(interactions=str(data / "interactions.parquet"), items=str(data / "items.parquet"), epochs=1,
+                      item_id_buckets=1 << 18 if n_items > 100_000 else 1 << 15)
+    train(cfg, base / "run", progress=False, evaluate_each_epoch=False)
+    export_run(base / "run", repo, "m", log=lambda *_: None)
+    _, _, dataset, _ = load_trained(base / "run")
+    users = dataset.split.test_users[:N_REQUEST_USERS]
+    requests.write_text(json.dumps(user_records(dataset, users, cfg.history_len)))
+    return repo, requests
+
+
+def start(cmd: list[str], marker: str) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    if marker not in line:
+        proc.kill()
+        raise RuntimeError(f"{' '.join(cmd)} did not start: {line!r}")
+    return proc, int(line.rsplit(" ", 1)[1])
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def load(python: str, target: str, model: str, requests: Path, concurrency: int, seconds: float,
+         client: str = "recserve") -> dict:
+    script = HERE / ("serve_load.py" if client == "recserve" else "serve_triton.py")
+    out = subprocess.run([python, str(script), "load", "--target", target, "--model", model, "--requests",
+                          str(requests), "--concurrency", str(concurrency), "--seconds", str(seconds), "--k", str(K)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(args) -> dict:
+    work = Path(args.work)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    repo10k, req10k = build_model(work, 10_000)
+    repo1m, req1m = build_model(work, 1_000_000)
+    py = sys.executable
+    results: dict[str, dict[int, dict]] = {}
+
+    contenders = {
+        "floor": ([py, str(HERE / "serve_load.py"), "floor", "--port", "0", "--k", str(K)], "floor serving", "m",
+                  req10k, py, "recserve"),
+        "recserve 10k items": ([py, "-m", "recserve.cli", "serve", "--repository", str(repo10k), "--host",
+                                "localhost", "--port", "0"], "on port", "m", req10k, py, "recserve"),
+    }
+    if args.triton_python:
+        contenders["triton 10k items"] = (
+            [args.triton_python, str(HERE / "serve_triton.py"), "serve", "--repository", str(repo10k), "--k", str(K)],
+            "triton serving", "m", req10k, args.triton_python, "triton")
+    contenders["recserve 1M items"] = ([py, "-m", "recserve.cli", "serve", "--repository", str(repo1m), "--host",
+                                        "localhost", "--port", "0"], "on port", "m", req1m, py, "recserve")
+    rounds: dict[str, dict[int, list[dict]]] = {name: {} for name in contenders}
+    # Rounds alternate the contenders so that the VM's slow minutes hit all of them.
+    for _ in range(args.rounds):
+        for name, (cmd, marker, model, requests, client_py, client) in contenders.items():
+            points = [64] if name == "recserve 1M items" else concurrencies
+            proc, port = start(cmd, marker)
+            try:
+                for c in points:
+                    r = load(client_py, f"localhost:{port}", model, requests, c, args.seconds, client)
+                    rounds[name].setdefault(c, []).append(r)
+                    print(name, json.dumps(r), file=sys.stderr, flush=True)
+            finally:
+                stop(proc)
+    return {name: {c: _median(rs) for c, rs in points.items()} for name, points in rounds.items()}
+
+
+def _median(runs: list[dict]) -> dict:
+    """Per-metric median over rounds; errors summed."""
+    out = {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_ms", "p95_ms", "p99_ms")}
+    out["errors"] = {}
+    for r in runs:
+        for code, n in r["errors"].items():
+            out["errors"][code] = out["errors"].get(code, 0) + n
+    out["rounds"] = len(runs)
+    return out
+
+
+def report(results: dict, args) -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    lines = ["## Serving: Recommend end to end (`bench/serve.py`)", "",
+             f"Machine: {cpu}, {os.cpu_count()} cores; grpcio {grpc.__version__}; k = {K}; "
+             f"{args.seconds:.0f} s per point after 1 s warm-up, median of {args.rounds} alternating rounds; "
+             "closed-loop load generator in its own process.",
+             "", "| server | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|---:|---|"]
+    for name, points in results.items():
+        for c, r in points.items():
+            lines.append(f"| {name} | {c} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
+                         f"{r['p99_ms']:.2f} | {sum(r['errors'].values()) or 0} |")
+    ours, floor = results["recserve 10k items"], results["floor"]
+    lines.append("")
+    if 1 in ours:
+        ratio = ours[1]["p50_ms"] / floor[1]["p50_ms"]
+        lines.append(f"- p50 at c=1: recserve / floor = {ratio:.2f}x (target <= 1.3x: {'met' if ratio <= 1.3 else 'NOT met'})")
+    triton = results.get("triton 10k items")
+    if triton and 64 in ours:
+        ratio = ours[64]["rps"] / triton[64]["rps"]
+        lines.append(f"- c=64 throughput: recserve / Triton = {ratio:.2f}x (target >= 2x: {'met' if ratio >= 2 else 'NOT met'})")
+    big = results["recserve 1M items"][64]
+    met = big["rps"] >= 400 and big["p95_ms"] < 100
+    lines.append(f"- 1M items, c=64: {big['rps']:,.0f} req/s, p95 {big['p95_ms']:.1f} ms "
+                 f"(target >= 400 req/s and p95 < 100 ms: {'met' if met else 'NOT met'})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="build/bench-serve")
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--concurrency", default="1,8,64")
+    parser.add_argument("--rounds", type=int, default=3, help="medians over this many alternating rounds")
+    parser.add_argument("--triton-python", help="python of a venv with nvidia-pytriton (see bench/serve_triton.py)")
+    args = parser.parse_args()
+    text = report(run(args), args)
+    out = HERE / "results" / "serve.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

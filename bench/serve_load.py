@@ -1,0 +1,102 @@
+"""Processes for bench/serve.py: the load generator and the bare gRPC floor server.
+
+    python bench/serve_load.py load --target localhost:8500 --model m --requests req.json \
+        --concurrency 64 --seconds 10 [--k 20]          # prints one JSON line of results
+    python bench/serve_load.py floor --port 8600 --k 20   # RecommendService answering a fixed reply
+
+The load generator is closed-loop: ``concurrency`` asyncio workers each send the next
+request as soon as their previous one returns, cycling through the request file (users
+with their recent items), for ``seconds`` after a one-second warm-up. It runs in its own
+process so it never shares the server's event loop or GIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+import grpc
+import numpy as np
+
+from recserve.v1 import recommend_pb2, recommend_pb2_grpc
+
+
+async def _load(args) -> dict:
+    users = json.loads(open(args.requests).read())
+    requests = [recommend_pb2.RecommendRequest(model=args.model, user_id=u["user_id"], k=args.k,
+                                               recent_item_ids=u.get("history", [])) for u in users]
+    channel = grpc.aio.insecure_channel(args.target)
+    stub = recommend_pb2_grpc.RecommendServiceStub(channel)
+    await stub.Recommend(requests[0], timeout=30)  # connect and warm the model
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    warm_until = time.perf_counter() + 1.0
+    stop_at = warm_until + args.seconds
+
+    async def worker(offset: int) -> None:
+        i = offset
+        while True:
+            started = time.perf_counter()
+            if started >= stop_at:
+                return
+            try:
+                await stub.Recommend(requests[i % len(requests)], timeout=10)
+                if started >= warm_until:
+                    latencies.append(time.perf_counter() - started)
+            except grpc.aio.AioRpcError as e:
+                errors[e.code().name] = errors.get(e.code().name, 0) + 1
+            i += args.concurrency
+
+    await asyncio.gather(*(worker(w) for w in range(args.concurrency)))
+    await channel.close()
+    lat = np.asarray(latencies) * 1e3
+    return {"concurrency": args.concurrency, "requests": len(lat), "rps": len(lat) / args.seconds,
+            "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
+            "p99_ms": float(np.percentile(lat, 99)), "errors": errors}
+
+
+class _Floor(recommend_pb2_grpc.RecommendServiceServicer):
+    def __init__(self, k: int):
+        rng = np.random.default_rng(0)
+        self.reply = recommend_pb2.RecommendResponse(
+            item_ids=[f"I{i:07d}" for i in rng.integers(0, 10**6, k)],
+            scores=np.sort(rng.random(k).astype(np.float32))[::-1].tolist(), model="floor", version=1)
+
+    async def Recommend(self, request, context):
+        return self.reply
+
+
+async def _floor(args) -> None:
+    server = grpc.aio.server()
+    recommend_pb2_grpc.add_RecommendServiceServicer_to_server(_Floor(args.k), server)
+    port = server.add_insecure_port(f"localhost:{args.port}")
+    await server.start()
+    print(f"floor serving on port {port}", flush=True)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("load")
+    p.add_argument("--target", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--requests", required=True)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--k", type=int, default=20)
+    p = sub.add_parser("floor")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--k", type=int, default=20)
+    args = parser.parse_args()
+    if args.cmd == "load":
+        print(json.dumps(asyncio.run(_load(args))), flush=True)
+    else:
+        asyncio.run(_floor(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
