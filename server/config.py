@@ -39,6 +39,7 @@ class ServerConfig:
     port: int = 8500
     max_k: int = 1000
     item_dtype: str = "float32"  # item matrix precision: float32 or float16 (half the bytes)
+    engine: str = "auto"  # auto: TensorRT when the version has a plan and it runs here, else onnx
     engine_threads: int = 0  # ONNX Runtime intra-op threads (0: its default)
     compute_threads: int = 1  # batches computed at once (each already uses the cores)
     drain_timeout_s: float = 30.0
@@ -53,6 +54,8 @@ class ServerConfig:
             raise ValueError("config: max_k must be an integer >= 1")
         if self.item_dtype not in ("float32", "float16"):
             raise ValueError(f"config: item_dtype must be float32 or float16, got {self.item_dtype!r}")
+        if self.engine not in ("auto", "onnx", "tensorrt"):
+            raise ValueError(f"config: engine must be auto, onnx or tensorrt, got {self.engine!r}")
         if not isinstance(self.compute_threads, int) or self.compute_threads < 1:
             raise ValueError("config: compute_threads must be an integer >= 1")
         if not isinstance(self.drain_timeout_s, (int, float)) or self.drain_timeout_s < 0:

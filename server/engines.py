@@ -4,7 +4,8 @@
     outputs = engine.run({"user_id": pooled_a, "history": pooled_b})   # {output name: array}
 
 ``onnx`` runs ONNX Runtime (CUDA execution provider first when onnxruntime-gpu sees a GPU,
-otherwise CPU). The TensorRT backend (``.plan``) arrives with the GPU serving path.
+otherwise CPU); ``tensorrt`` runs a serialised TensorRT engine (``.plan``) with CuPy device
+buffers. Each backend imports its library only when chosen and says what to install.
 """
 
 from __future__ import annotations
@@ -45,7 +46,64 @@ class OnnxRuntimeEngine:
         return dict(zip(self.output_names, outputs))
 
 
-_BACKENDS = {"onnx": OnnxRuntimeEngine}
+class TensorRtEngine:
+    """A TensorRT ``.plan``: deserialised once, run on its own CUDA stream with CuPy buffers.
+
+    Inputs may be NumPy arrays (copied to the device on the engine's stream) or CuPy arrays
+    (used in place); outputs come back as NumPy. The GPU serving path keeps them on the
+    device instead.
+    """
+
+    backend = "tensorrt"
+
+    def __init__(self, path: Path, *, device: int = 0, threads: int = 0, providers=None):
+        try:
+            import cupy as cp
+            import tensorrt as trt
+        except ImportError as e:
+            raise EngineUnavailable(
+                f"the tensorrt backend needs the tensorrt and cupy packages ({e.name} is missing): "
+                "pip install tensorrt cupy-cuda12x") from e
+        try:
+            if cp.cuda.runtime.getDeviceCount() <= device:
+                raise EngineUnavailable(f"the tensorrt backend needs CUDA device {device}; none is visible")
+        except cp.cuda.runtime.CUDARuntimeError as e:
+            raise EngineUnavailable(f"the tensorrt backend needs a CUDA GPU: {e}") from e
+        self._cp, self._trt = cp, trt
+        self._device = cp.cuda.Device(device)
+        with self._device:
+            self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            self._engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
+            if self._engine is None:
+                raise EngineUnavailable(f"{path}: TensorRT cannot deserialise it (built by another TensorRT "
+                                        "version or for another GPU?)")
+            self._context = self._engine.create_execution_context()
+            self._stream = cp.cuda.Stream(non_blocking=True)
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        is_input = {n: self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.input_names = [n for n in names if is_input[n]]
+        self.output_names = [n for n in names if not is_input[n]]
+        self.providers = [f"TensorRT {trt.__version__}"]
+
+    def run(self, feeds: dict) -> dict[str, np.ndarray]:
+        cp = self._cp
+        with self._device, self._stream:
+            inputs = {n: cp.ascontiguousarray(cp.asarray(feeds[n], dtype=cp.float32)) for n in self.input_names}
+            for name, array in inputs.items():
+                self._context.set_input_shape(name, array.shape)
+                self._context.set_tensor_address(name, array.data.ptr)
+            outputs = {}
+            for name in self.output_names:
+                outputs[name] = cp.empty(tuple(self._context.get_tensor_shape(name)), dtype=cp.float32)
+                self._context.set_tensor_address(name, outputs[name].data.ptr)
+            if not self._context.execute_async_v3(self._stream.ptr):
+                raise RuntimeError("TensorRT execution failed")
+            result = {name: cp.asnumpy(array, stream=self._stream) for name, array in outputs.items()}
+            self._stream.synchronize()
+        return result
+
+
+_BACKENDS = {"onnx": OnnxRuntimeEngine, "tensorrt": TensorRtEngine}
 
 
 def load_engine(backend: str, path: Path, **options):

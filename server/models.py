@@ -23,7 +23,8 @@ from recserve.server.batcher import DynamicBatcher
 from recserve.server.config import ServerConfig
 from recserve.server.errors import ModelNotFound, NotReady
 from recserve.server.recommend import FeatureSource, Query, RequestFeatures, Result, recommend_batch
-from recserve.server.repository import RepositoryError, list_versions, validate_model_name
+from recserve.server.engines import EngineUnavailable
+from recserve.server.repository import RepositoryError, list_versions, read_manifest, validate_model_name
 from recserve.server.retrieval import RetrievalModel
 
 log = logging.getLogger(__name__)
@@ -101,11 +102,28 @@ class ModelRegistry:
             state.loading = False
 
     def _load_version(self, name: str, version: int) -> RetrievalModel:
+        version_dir = self.repository / name / str(version)
         options = {"threads": self.config.engine_threads}
-        model = RetrievalModel.load(self.repository / name / str(version), item_dtype=self.config.item_dtype,
-                                    engine_options=options)
-        model.check_golden()
-        return model
+        for backend in self._backends(version_dir):
+            try:
+                model = RetrievalModel.load(version_dir, backend=backend, item_dtype=self.config.item_dtype,
+                                            engine_options=options)
+            except EngineUnavailable as e:
+                if self.config.engine != "auto":
+                    raise
+                log.info("model %s version %d: %s engine unavailable (%s); trying the next", name, version, backend, e)
+                continue
+            model.check_golden()
+            log.info("model %s version %d: %s engine (%s)", name, version, backend, ", ".join(model.engine.providers))
+            return model
+        raise EngineUnavailable(f"{version_dir}: no engine that runs here")
+
+    def _backends(self, version_dir: Path) -> list[str]:
+        """Engines to try, best first: the configured one, or (auto) TensorRT then ONNX."""
+        if self.config.engine != "auto":
+            return [self.config.engine]
+        available = read_manifest(version_dir).get("engines", {})
+        return [b for b in ("tensorrt", "onnx") if b in available]
 
     def _serve(self, name: str, version: int, model: RetrievalModel) -> ServedVersion:
         def run(queries):

@@ -115,7 +115,14 @@ class RetrievalModel:
             out.append((self.item_ids[r[keep]].tolist(), s[keep].tolist()))
         return out
 
-    def check_golden(self, atol: float = GOLDEN_ATOL) -> None:
+    @property
+    def golden_atol(self) -> float:
+        """1e-5 for the reference engine; a reduced-precision engine (TensorRT FP16) is held
+        to twice the error export measured for it against ONNX Runtime."""
+        measured = self.manifest["engines"].get(self.engine.backend, {}).get("max_abs_error_vs_onnx", 0.0)
+        return max(GOLDEN_ATOL, 2 * measured)
+
+    def check_golden(self, atol: float | None = None) -> None:
         """Reproduce every golden request; a mismatch raises RepositoryError naming it.
 
         User vectors and top-k scores must match within ``atol``. Ids must match too,
@@ -123,6 +130,7 @@ class RetrievalModel:
         different engine or CPU may break a near-tie the other way): each expected item
         must score, here, within ``atol`` of its expected score.
         """
+        atol = self.golden_atol if atol is None else atol
         golden = self.manifest.get("golden", [])
         if not golden:
             raise RepositoryError(f"{self.version_dir}: manifest has no golden requests")

@@ -171,14 +171,14 @@ def export_run(run_dir: Path, repo: Path, model_name: str, backends: tuple[str, 
 
 def _export_tensorrt(tmp: Path, inputs: dict[str, int], log) -> dict:
     from recserve.server.engines import load_engine
-    from recserve.trainer.tensorrt_engine import build_plan, run_plan
+    from recserve.trainer.tensorrt_engine import build_plan
 
     log("building the TensorRT engine (FP16, batch 1..1024)")
     build_plan(tmp / ENGINE_ONNX, tmp / ENGINE_PLAN, inputs)
     rng = np.random.default_rng(0)
     feeds = {n: rng.standard_normal((33, d), dtype=np.float32) for n, d in inputs.items()}
-    expected = load_engine("onnx", tmp / ENGINE_ONNX).run(feeds)[OUTPUT_NAME]
-    got = run_plan(tmp / ENGINE_PLAN, feeds)[OUTPUT_NAME]
+    expected = load_engine("onnx", tmp / ENGINE_ONNX, **CPU_ONLY).run(feeds)[OUTPUT_NAME]
+    got = load_engine("tensorrt", tmp / ENGINE_PLAN).run(feeds)[OUTPUT_NAME]
     err = float(np.max(np.abs(got - expected)))
     if err > TENSORRT_ATOL:
         raise RuntimeError(f"TensorRT engine differs from ONNX Runtime by {err:.3g} (limit {TENSORRT_ATOL})")

@@ -173,3 +173,52 @@ def test_sigterm_drains_in_flight_requests_then_exits(repo):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _with_fake_plan(repo, tmp_path):
+    """The repo with a version whose manifest also lists a TensorRT plan (garbage bytes)."""
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy)
+    manifest = copy / "tiny/1/manifest.json"
+    m = json.loads(manifest.read_text())
+    (copy / "tiny/1/engine/user_tower.plan").write_bytes(b"not a plan")
+    m["engines"]["tensorrt"] = {"file": "engine/user_tower.plan", "precision": "fp16"}
+    manifest.write_text(json.dumps(m))
+    return copy
+
+
+def test_auto_engine_falls_back_to_onnx_when_tensorrt_cannot_run(repo, tmp_path):
+    with ServerThread(server_config(_with_fake_plan(repo, tmp_path))) as s, RecommendClient(s.target) as client:
+        assert s.server.registry.get("tiny").model.engine.backend == "onnx"
+        assert len(client.recommend("tiny", "1", k=3).item_ids) == 3
+
+
+def test_an_engine_the_version_lacks_makes_it_unavailable(repo):
+    from dataclasses import replace
+
+    with ServerThread(replace(server_config(repo), engine="tensorrt")) as s, RecommendClient(s.target) as client:
+        with pytest.raises(grpc.RpcError) as e:
+            client.recommend("tiny", "1", k=3)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no 'tensorrt' engine (has: onnx)" in e.value.details()
+
+
+def test_tensorrt_engine_serves_the_golden_answers(repo, tmp_path):
+    from recserve.trainer.tensorrt_engine import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"serving with TensorRT needs tensorrt, cupy and a GPU: {reason}")
+    from dataclasses import replace
+
+    from recserve.trainer.export import export_run
+
+    run = next(repo.parent.glob("server-run*"))
+    trt_repo = tmp_path / "trt"
+    export_run(run, trt_repo, "tiny", backends=("onnx", "tensorrt"), log=lambda *_: None)
+    with ServerThread(replace(server_config(trt_repo), engine="tensorrt")) as s, \
+            RecommendClient(s.target) as client:
+        assert s.server.registry.get("tiny").model.engine.backend == "tensorrt"
+        for g in golden(trt_repo):
+            rec = client.recommend("tiny", g["request"]["user_id"], k=g["k"], recent_items=g["request"]["history"])
+            assert rec.scores == pytest.approx(g["scores"], abs=0.05)

@@ -158,7 +158,7 @@ def test_tensorrt_engine_matches_onnx(tiny_run, tmp_path):
     reason = unavailable_reason()
     if reason:
         pytest.skip(f"TensorRT export needs tensorrt and a GPU: {reason}")
-    from recserve.trainer.tensorrt_engine import run_plan
+    from recserve.server.engines import load_engine
 
     version_dir = tmp_path / "trt" / str(export_run(tiny_run, tmp_path, "trt", backends=("onnx", "tensorrt"),
                                                      log=lambda *_: None))
@@ -167,5 +167,5 @@ def test_tensorrt_engine_matches_onnx(tiny_run, tmp_path):
     rng = np.random.default_rng(5)
     for batch in (1, 64, 1024):  # the optimisation profile's ends and its optimum
         feeds = {i.name: rng.standard_normal((batch, i.shape[1]), dtype=np.float32) for i in session.get_inputs()}
-        got = run_plan(version_dir / m["engines"]["tensorrt"]["file"], feeds)["user_vector"]
+        got = load_engine("tensorrt", version_dir / m["engines"]["tensorrt"]["file"]).run(feeds)["user_vector"]
         assert np.max(np.abs(got - session.run(None, feeds)[0])) <= 2e-2
