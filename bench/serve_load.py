@@ -1,7 +1,7 @@
 """Processes for bench/serve.py: the load generator and the bare gRPC floor server.
 
     python bench/serve_load.py load --target localhost:8500 --model m --requests req.json \
-        --concurrency 64 --seconds 10 [--k 20]          # prints one JSON line of results
+        --concurrency 64 --seconds 10 [--k 20] [--channels 4]   # prints one JSON line of results
     python bench/serve_load.py floor --port 8600 --k 20   # RecommendService answering a fixed reply
 
 The load generator is closed-loop: ``concurrency`` asyncio workers each send the next
@@ -28,9 +28,13 @@ async def _load(args) -> dict:
     users = json.loads(open(args.requests).read())
     requests = [recommend_pb2.RecommendRequest(model=args.model, user_id=u["user_id"], k=args.k,
                                                recent_item_ids=u.get("history", [])) for u in users]
-    channel = grpc.aio.insecure_channel(args.target)
-    stub = recommend_pb2_grpc.RecommendServiceStub(channel)
-    await stub.Recommend(requests[0], timeout=30)  # connect and warm the model
+    # One connection per channel (a local subchannel pool stops gRPC from sharing one), so
+    # a server with several SO_REUSEPORT worker processes gets connections for each.
+    channels = [grpc.aio.insecure_channel(args.target, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(args.channels)]
+    stubs = [recommend_pb2_grpc.RecommendServiceStub(c) for c in channels]
+    for stub in stubs:
+        await stub.Recommend(requests[0], timeout=30)  # connect and warm the model
     latencies: list[float] = []
     errors: dict[str, int] = {}
     warm_until = time.perf_counter() + 1.0
@@ -38,6 +42,7 @@ async def _load(args) -> dict:
 
     async def worker(offset: int) -> None:
         i = offset
+        stub = stubs[offset % len(stubs)]
         while True:
             started = time.perf_counter()
             if started >= stop_at:
@@ -51,7 +56,8 @@ async def _load(args) -> dict:
             i += args.concurrency
 
     await asyncio.gather(*(worker(w) for w in range(args.concurrency)))
-    await channel.close()
+    for channel in channels:
+        await channel.close()
     lat = np.asarray(latencies) * 1e3
     return {"concurrency": args.concurrency, "requests": len(lat), "rps": len(lat) / args.seconds,
             "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
@@ -88,6 +94,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--k", type=int, default=20)
+    p.add_argument("--channels", type=int, default=4, help="client connections (workers share them)")
     p = sub.add_parser("floor")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--k", type=int, default=20)

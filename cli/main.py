@@ -83,18 +83,18 @@ def _cmd_serve(args) -> None:
     # the cores the gRPC event loop needs (c=64 throughput +18 % on 2 cores, bench/serve.py).
     # libgomp reads this when the kernels load, so it is set before they are imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import asyncio
     import logging
 
-    from recserve.server.app import serve
+    from recserve.server.app import serve_processes
     from recserve.server.config import ServerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig.from_sources(args.config, {
         "repository": args.repository, "host": args.host, "port": args.port, "max_k": args.max_k,
         "item_dtype": args.item_dtype, "batching.max_batch_size": args.max_batch_size,
-        "batching.max_queue_delay_us": args.max_queue_delay_us, "batching.max_queue_size": args.max_queue_size})
-    asyncio.run(serve(config))
+        "batching.max_queue_delay_us": args.max_queue_delay_us, "batching.max_queue_size": args.max_queue_size,
+        "engine": args.engine})
+    serve_processes(config, args.workers)
 
 
 def _cmd_recommend(args) -> None:
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-queue-delay-us", type=int)
     p.add_argument("--max-queue-size", type=int)
+    p.add_argument("--engine", choices=("auto", "onnx", "tensorrt"))
+    p.add_argument("--workers", type=int, default=1, help="server processes sharing the port (SO_REUSEPORT)")
     p.set_defaults(func=_cmd_serve)
 
     p = verbs.add_parser("recommend", help="ask a running server for one user's top-k items")

@@ -1,6 +1,6 @@
 """The gRPC server: recserve.v1 services, health and reflection on one port.
 
-    recserve serve --repository models [--port 8500] [--config serve.json]
+    recserve serve --repository models [--port 8500] [--config serve.json] [--workers 2]
 
     server = await create_server(config)      # binds (port 0: any free port), loads models
     await server.start(); ...; await server.drain()
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
 import signal
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -166,6 +168,34 @@ async def create_server(config: ServerConfig) -> RecserveServer:
     return server
 
 
+def serve_processes(config: ServerConfig, workers: int) -> None:
+    """Run ``workers`` server processes on one port (SO_REUSEPORT: the kernel spreads
+    connections over them); tables and item matrices are memory-mapped, so the processes
+    share those pages. SIGTERM/SIGINT to this process drains every worker."""
+    if workers <= 1:
+        asyncio.run(serve(config))
+        return
+    if config.port == 0:
+        raise ValueError("--workers > 1 needs a fixed --port (the workers share it)")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(config,), name=f"recserve-worker-{i}") for i in range(workers)]
+    forward = lambda signum, _frame: [p.is_alive() and os.kill(p.pid, signal.SIGTERM) for p in procs]  # noqa: E731
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [p.name for p in procs if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"worker(s) {', '.join(failed)} exited with an error")
+
+
+def _worker(config: ServerConfig) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards one SIGTERM instead
+    asyncio.run(serve(config))
+
+
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM/SIGINT, then drain."""
     server = RecserveServer(config)
@@ -174,7 +204,8 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    print(f"recserve serving {', '.join(server.registry.models) or 'no models'} on port {server.port}", flush=True)
+    print(f"recserve (pid {os.getpid()}) serving {', '.join(server.registry.models) or 'no models'} "
+          f"on port {server.port}", flush=True)
     await stop.wait()
     log.info("draining (up to %.0f s)", config.drain_timeout_s)
     await server.drain()

@@ -222,3 +222,42 @@ def test_tensorrt_engine_serves_the_golden_answers(repo, tmp_path):
         for g in golden(trt_repo):
             rec = client.recommend("tiny", g["request"]["user_id"], k=g["k"], recent_items=g["request"]["history"])
             assert rec.scores == pytest.approx(g["scores"], abs=0.05)
+
+
+def test_worker_processes_share_the_port_and_drain_together(repo):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a free port for the workers to share
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recserve.cli", "serve", "--repository", str(repo), "--host", "localhost",
+         "--port", str(port), "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pids = {proc.stdout.readline().split("pid ")[1].split(")")[0] for _ in range(2)}
+        assert len(pids) == 2  # two processes, each serving on the one port
+        answered = set()
+        for _ in range(8):  # fresh connections land on either worker
+            channel = grpc.insecure_channel(f"localhost:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+            with RecommendClient("", channel=channel) as client:
+                answered.add(tuple(client.recommend("tiny", "7", k=3, timeout=10).item_ids))
+        assert len(answered) == 1  # the same model answers identically wherever it lands
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_workers_need_a_fixed_port(repo):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "recserve.cli", "serve", "--repository", str(repo), "--port", "0",
+                           "--workers", "2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith("--workers > 1 needs a fixed --port (the workers share it)")
