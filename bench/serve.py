@@ -13,6 +13,7 @@ generator (bench/serve_load.py, closed loop) are separate processes on this mach
 
 Contenders, same run, same requests (users with their recent items):
   floor     a bare grpc.aio RecommendService returning a precomputed 20-item reply
+            (and the same as a sync grpc.server with a thread pool, to compare the stacks)
   recserve  `recserve serve` on the 10k-item model (and on the 1M-item model at c=64)
   triton    (with --triton-python) the same pipeline in NVIDIA Triton via pytriton
 Targets (server issue): p50 at c=1 within 1.3x of the floor; c=64 throughput >= 2x
@@ -99,6 +100,8 @@ def run(args) -> dict:
     contenders = {
         "floor": ([py, str(HERE / "serve_load.py"), "floor", "--port", "0", "--k", str(K)], "floor serving", "m",
                   req10k, py, "recserve"),
+        "floor (sync server)": ([py, str(HERE / "serve_load.py"), "floor", "--sync", "--port", "0", "--k", str(K)],
+                                "floor serving", "m", req10k, py, "recserve"),
         "recserve 10k items": ([py, "-m", "recserve.cli", "serve", "--repository", str(repo10k), "--host",
                                 "localhost", "--port", "0"], "on port", "m", req10k, py, "recserve"),
     }

@@ -2,7 +2,7 @@
 
     python bench/serve_load.py load --target localhost:8500 --model m --requests req.json \
         --concurrency 64 --seconds 10 [--k 20] [--channels 4]   # prints one JSON line of results
-    python bench/serve_load.py floor --port 8600 --k 20   # RecommendService answering a fixed reply
+    python bench/serve_load.py floor --port 8600 --k 20 [--sync]  # RecommendService answering a fixed reply
 
 The load generator is closed-loop: ``concurrency`` asyncio workers each send the next
 request as soon as their previous one returns, cycling through the request file (users
@@ -75,6 +75,25 @@ class _Floor(recommend_pb2_grpc.RecommendServiceServicer):
         return self.reply
 
 
+class _SyncFloor(recommend_pb2_grpc.RecommendServiceServicer):
+    def __init__(self, k: int):
+        self.reply = _Floor(k).reply
+
+    def Recommend(self, request, context):
+        return self.reply
+
+
+def _sync_floor(args) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=16))
+    recommend_pb2_grpc.add_RecommendServiceServicer_to_server(_SyncFloor(args.k), server)
+    port = server.add_insecure_port(f"localhost:{args.port}")
+    server.start()
+    print(f"floor serving on port {port}", flush=True)
+    server.wait_for_termination()
+
+
 async def _floor(args) -> None:
     server = grpc.aio.server()
     recommend_pb2_grpc.add_RecommendServiceServicer_to_server(_Floor(args.k), server)
@@ -98,9 +117,12 @@ def main() -> None:
     p = sub.add_parser("floor")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--k", type=int, default=20)
+    p.add_argument("--sync", action="store_true", help="grpc.server with a thread pool instead of grpc.aio")
     args = parser.parse_args()
     if args.cmd == "load":
         print(json.dumps(asyncio.run(_load(args))), flush=True)
+    elif args.sync:
+        _sync_floor(args)
     else:
         asyncio.run(_floor(args))
 
