@@ -3,7 +3,7 @@
 #   make test        .venv (created if missing) + editable install with test extras + pytest
 #   make demo        train on the bundled data, export, serve, query through the client, stop
 #   make bench       all benchmarks in bench/ (installs the bench extras: torch, faiss-cpu);
-#                    one at a time: make bench-kernels | bench-trainer | bench-synthetic
+#                    one at a time: make bench-kernels | bench-trainer | bench-synthetic | bench-serve
 #   make cuda-check  builds the CUDA kernels with NVIDIA's nvcc from PyPI (no GPU needed)
 #                    into a second venv and runs the kernel tests against that build
 #
@@ -20,7 +20,7 @@ CUDA_PIP := $(CUDA_PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 NATIVE_SOURCES := CMakeLists.txt pyproject.toml $(shell find csrc kernels/cuda proto -type f 2>/dev/null)
 
-.PHONY: test demo bench bench-deps bench-kernels bench-trainer bench-synthetic cuda-check clean
+.PHONY: test demo bench bench-deps bench-kernels bench-trainer bench-synthetic bench-serve cuda-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,7 @@ demo: $(VENV)/.installed
 	rm -rf build/demo
 	$(PY) -m recserve.cli demo --work build/demo
 
-bench: bench-kernels bench-trainer bench-synthetic
+bench: bench-kernels bench-trainer bench-synthetic bench-serve
 
 bench-deps: $(VENV)/.installed
 	$(PIP) install -q --no-build-isolation -e ".[bench,trainer]"
@@ -54,6 +54,21 @@ bench-trainer: bench-deps
 
 bench-synthetic: bench-deps
 	$(PY) bench/synthetic_scale.py
+
+# Triton (nvidia-pytriton) needs numpy<2 and protobuf<7: its own venv, which reuses the
+# editable recserve of .venv through a .pth (see bench/serve_triton.py).
+TRITON_VENV ?= .venv-triton
+$(TRITON_VENV)/.installed: bench/triton-requirements.txt $(VENV)/.installed
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q -r bench/triton-requirements.txt
+	finder=$$(ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/_editable_skbc_recserve.py); \
+	site=$$($(TRITON_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))"); \
+	echo "import importlib.util as _u; _s = _u.spec_from_file_location('_editable_skbc_recserve', '$$finder'); _m = _u.module_from_spec(_s); _s.loader.exec_module(_m); del _u, _s, _m" \
+	    > $$site/_recserve_from_main_venv.pth
+	touch $@
+
+bench-serve: bench-deps $(TRITON_VENV)/.installed
+	$(PY) bench/serve.py --triton-python $(TRITON_VENV)/bin/python
 
 # A non-editable wheel built with RECSERVE_CUDA=ON in its own venv: proves every
 # CUDA source compiles, that `pip install .` works, and that the CUDA-enabled
@@ -68,4 +83,4 @@ cuda-check:
 	RECSERVE_EXPECT_CUDA_BUILD=1 $(CUDA_PY) -m pytest tests/kernels $(PYTEST_ARGS)
 
 clean:
-	rm -rf build dist $(VENV) $(CUDA_VENV) .pytest_cache
+	rm -rf build dist $(VENV) $(CUDA_VENV) $(TRITON_VENV) .pytest_cache

@@ -95,7 +95,6 @@ def run(args) -> dict:
     repo10k, req10k = build_model(work, 10_000)
     repo1m, req1m = build_model(work, 1_000_000)
     py = sys.executable
-    results: dict[str, dict[int, dict]] = {}
 
     contenders = {
         "floor": ([py, str(HERE / "serve_load.py"), "floor", "--port", "0", "--k", str(K)], "floor serving", "m",

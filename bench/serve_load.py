@@ -16,11 +16,11 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 
 import grpc
 import numpy as np
 
+from closed_loop import closed_loop
 from recserve.v1 import recommend_pb2, recommend_pb2_grpc
 
 
@@ -35,33 +35,17 @@ async def _load(args) -> dict:
     stubs = [recommend_pb2_grpc.RecommendServiceStub(c) for c in channels]
     for stub in stubs:
         await stub.Recommend(requests[0], timeout=30)  # connect and warm the model
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    warm_until = time.perf_counter() + 1.0
-    stop_at = warm_until + args.seconds
 
-    async def worker(offset: int) -> None:
-        i = offset
-        stub = stubs[offset % len(stubs)]
-        while True:
-            started = time.perf_counter()
-            if started >= stop_at:
-                return
-            try:
-                await stub.Recommend(requests[i % len(requests)], timeout=10)
-                if started >= warm_until:
-                    latencies.append(time.perf_counter() - started)
-            except grpc.aio.AioRpcError as e:
-                errors[e.code().name] = errors.get(e.code().name, 0) + 1
-            i += args.concurrency
+    async def send(i: int, worker: int) -> None:
+        await stubs[worker % len(stubs)].Recommend(requests[i], timeout=10)
 
-    await asyncio.gather(*(worker(w) for w in range(args.concurrency)))
+    def error_name(e: Exception) -> str | None:
+        return e.code().name if isinstance(e, grpc.aio.AioRpcError) else None
+
+    result = await closed_loop(send, len(requests), args.concurrency, args.seconds, error_name)
     for channel in channels:
         await channel.close()
-    lat = np.asarray(latencies) * 1e3
-    return {"concurrency": args.concurrency, "requests": len(lat), "rps": len(lat) / args.seconds,
-            "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
-            "p99_ms": float(np.percentile(lat, 99)), "errors": errors}
+    return result
 
 
 class _Floor(recommend_pb2_grpc.RecommendServiceServicer):

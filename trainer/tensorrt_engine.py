@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 
 def unavailable_reason() -> str | None:
     for package, hint in (("tensorrt", "pip install tensorrt"), ("cupy", "pip install cupy-cuda12x")):
