@@ -29,7 +29,7 @@ $(PY):
 # Build deps live in the venv and the install skips build isolation, so a
 # rebuild after editing C++ is incremental (build/<wheel tag>) and takes seconds.
 $(VENV)/.installed: $(PY) $(NATIVE_SOURCES)
-	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja "grpcio-tools>=1.66"
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja "grpcio-tools>=1.85.1,<1.86"
 	$(PIP) install -q --no-build-isolation -e ".[test,trainer]"
 	touch $@
 
@@ -75,7 +75,7 @@ bench-serve: bench-deps $(TRITON_VENV)/.installed
 # module imports and passes the suite on a machine without a GPU or driver.
 cuda-check:
 	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja "grpcio-tools>=1.66" \
+	$(CUDA_PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja "grpcio-tools>=1.85.1,<1.86" \
 	    nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-cccl
 	NVCC=$$($(CUDA_PY) -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'bin', 'nvcc'))"); \
 	RECSERVE_CUDA=ON $(CUDA_PIP) install -q --no-build-isolation -Cbuild-dir=build/cuda-check \

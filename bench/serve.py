@@ -64,12 +64,9 @@ def build_model(work: Path, n_items: int) -> tuple[Path, Path]:
 
 
 def start(cmd: list[str], marker: str) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline()
-    if marker not in line:
-        proc.kill()
-        raise RuntimeError(f"{' '.join(cmd)} did not start: {line!r}")
-    return proc, int(line.rsplit(" ", 1)[1])
+    from recserve.server.process import start_server_process
+
+    return start_server_process(cmd, marker, stderr=subprocess.DEVNULL)
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -32,15 +32,11 @@ def _descriptions(items_path: Path) -> dict[str, str]:
         return {row["item_id"]: row.get("description") or "" for row in csv.DictReader(f)}
 
 
-def _start_server(repo: Path) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "recserve.cli", "serve", "--repository", str(repo), "--host", "localhost",
-         "--port", "0"], stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if "on port" not in line:
-        proc.kill()
-        raise RuntimeError(f"the server did not start (exit code {proc.wait()})")
-    return proc, int(line.rsplit(" ", 1)[1])
+def _start_server(repo: Path):
+    from recserve.server.process import start_server_process
+
+    return start_server_process([sys.executable, "-m", "recserve.cli", "serve", "--repository", str(repo),
+                                 "--host", "localhost", "--port", "0"])
 
 
 def run_demo(data: Path, work: Path, epochs: int) -> None:
@@ -91,7 +87,11 @@ def run_demo(data: Path, work: Path, epochs: int) -> None:
     finally:
         _step("stopping the server (SIGTERM: drain, then exit)")
         server.send_signal(signal.SIGTERM)
-        code = server.wait(60)
+        try:
+            code = server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            code = server.wait()
         print(f"server exited with status {code}")
     if code != 0:
         raise RuntimeError(f"the server exited with status {code}")

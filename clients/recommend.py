@@ -57,7 +57,9 @@ class RecommendClient:
     def batch_recommend(self, model: str, user_ids: Sequence[str], k: int = 10, *, recent_items=None,
                         timeout: float | None = None) -> list[Recommendation]:
         """``recent_items``: one list per user (or None)."""
-        histories = recent_items or [None] * len(user_ids)
+        histories = recent_items if recent_items is not None else [None] * len(user_ids)
+        if len(histories) != len(user_ids):
+            raise ValueError(f"recent_items has {len(histories)} lists for {len(user_ids)} users")
         request = recommend_pb2.BatchRecommendRequest(
             requests=[_request(model, u, k, None, None, h, None) for u, h in zip(user_ids, histories)])
         return [Recommendation.from_proto(r) for r in self._stub.BatchRecommend(request, timeout=timeout).responses]

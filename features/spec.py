@@ -43,6 +43,10 @@ _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _WORD_RE = re.compile(r"[a-z0-9]+")
 
 
+class FeatureValueError(ValueError):
+    """A raw value a field cannot encode (a bad request, not a bad spec)."""
+
+
 @dataclass(frozen=True)
 class Table:
     name: str
@@ -80,7 +84,7 @@ class Field:
             return [self.token(text)] if text else []
         if self.kind == "sequence":
             if isinstance(value, (str, bytes)):
-                raise ValueError(f"feature {self.name!r}: expected a list of values, got a string")
+                raise FeatureValueError(f"feature {self.name!r}: expected a list of values, got a string")
             distinct = list(dict.fromkeys(str(v) for v in value if str(v)))
             return [self.token(v) for v in (distinct[: self.max_len] if self.max_len else distinct)]
         if self.kind == "text":
@@ -88,7 +92,7 @@ class Field:
             if self.max_len:
                 words = words[: self.max_len]
             return [self.token(w) for w in words]
-        raise ValueError(f"feature {self.name!r} is bucketized: it has bins, not tokens")
+        raise TypeError(f"feature {self.name!r} is bucketized: it has bins, not tokens")
 
     def bins(self, values: Sequence) -> tuple[np.ndarray, np.ndarray]:
         """Bucketized field: raw numbers -> (bin ids, offsets); None/NaN -> empty bag."""
@@ -97,7 +101,7 @@ class Field:
             try:
                 numbers[i] = np.nan if v is None else float(v)
             except (TypeError, ValueError):
-                raise ValueError(f"feature {self.name!r}: expected a number, got {v!r}") from None
+                raise FeatureValueError(f"feature {self.name!r}: expected a number, got {v!r}") from None
         present = ~np.isnan(numbers)
         offsets = np.zeros(len(values) + 1, dtype=np.int64)
         np.cumsum(present, out=offsets[1:])

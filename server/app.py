@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,6 +41,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self):
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # one wrapper per method, not per call
+        self.in_flight = 0  # unary calls being handled (drain waits for zero)
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -50,11 +55,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped[method] = self._wrap(handler, method)
         return self._wrapped[method]
 
-    @staticmethod
-    def _wrap(handler, method: str):
+    def _wrap(self, handler, method: str):
         behavior = handler.unary_unary
 
         async def guarded(request, context):
+            self.in_flight += 1
+            self.idle.clear()
             try:
                 return await behavior(request, context)
             except ServingError as e:
@@ -65,6 +71,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 request_id = uuid.uuid4().hex[:12]
                 log.exception("internal error in %s (request id %s)", method, request_id)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+            finally:
+                self.in_flight -= 1
+                if self.in_flight == 0:
+                    self.idle.set()
 
         return grpc.unary_unary_rpc_method_handler(
             guarded, request_deserializer=handler.request_deserializer,
@@ -79,23 +89,28 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         self.config = config
         self.draining = False
 
-    def _query(self, request) -> Query:
+    def _prepare(self, request):
+        """Validate a request and find its served version (errors before any compute)."""
+        if not request.model:
+            raise InvalidRequest("model is empty")
         if not request.user_id:
             raise InvalidRequest("user_id is empty")
         if not 1 <= request.k <= self.config.max_k:
             raise InvalidRequest(f"k must be in 1..{self.config.max_k}, got {request.k}")
-        return Query(user_id=request.user_id, k=request.k, context=dict(request.context),
-                     exclude=tuple(request.exclude_item_ids), recent_items=tuple(request.recent_item_ids))
-
-    async def _recommend(self, request, deadline):
-        if self.draining:
-            raise NotReady("server is draining; retry on another replica")
-        if not request.model:
-            raise InvalidRequest("model is empty")
         served = self.registry.get(request.model, request.version if request.HasField("version") else None)
-        result = await served.submit(self._query(request), deadline)
+        query = Query(user_id=request.user_id, k=request.k, context=dict(request.context),
+                      exclude=tuple(request.exclude_item_ids), recent_items=tuple(request.recent_item_ids))
+        return served, query
+
+    @staticmethod
+    async def _answer(served, query, deadline):
+        result = await served.submit(query, deadline)
         return recommend_pb2.RecommendResponse(item_ids=result.item_ids, scores=result.scores, model=served.name,
                                                version=served.version, variant=served.variant)
+
+    def _check_open(self) -> None:
+        if self.draining:
+            raise NotReady("server is draining; retry on another replica")
 
     @staticmethod
     def _deadline(context) -> float | None:
@@ -103,14 +118,23 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
     async def Recommend(self, request, context):
-        return await self._recommend(request, self._deadline(context))
+        self._check_open()
+        return await self._answer(*self._prepare(request), self._deadline(context))
 
     async def BatchRecommend(self, request, context):
-        if not request.requests:
-            raise InvalidRequest("requests is empty")
+        self._check_open()
+        n = len(request.requests)
+        limit = self.config.batching.max_queue_size
+        if not 1 <= n <= limit:
+            raise InvalidRequest(f"requests must hold 1..{limit} requests (max_queue_size), got {n}")
+        prepared = []
+        for i, r in enumerate(request.requests):  # every request is valid before any is computed
+            try:
+                prepared.append(self._prepare(r))
+            except ServingError as e:
+                raise type(e)(f"requests[{i}]: {e.message}") from None
         deadline = self._deadline(context)
-        responses = await asyncio.gather(*(self._recommend(r, deadline) for r in request.requests),
-                                         return_exceptions=True)
+        responses = await asyncio.gather(*(self._answer(s, q, deadline) for s, q in prepared), return_exceptions=True)
         for i, r in enumerate(responses):
             if isinstance(r, ServingError):
                 raise type(r)(f"requests[{i}]: {r.message}")
@@ -120,11 +144,14 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
 
 
 class RecserveServer:
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, share_port: bool = False):
         self.config = config
         self.executor = ThreadPoolExecutor(max_workers=config.compute_threads, thread_name_prefix="recserve-compute")
         self.registry = ModelRegistry(config, self.executor)
-        self.grpc = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        self.interceptor = ErrorInterceptor()
+        # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind and
+        # silently take half the connections. Only worker processes share a port.
+        self.grpc = grpc.aio.server(interceptors=[self.interceptor], options=[("grpc.so_reuseport", int(share_port))])
         self.servicer = RecommendServicer(self.registry, config)
         self.health = health.aio.HealthServicer()
         recommend_pb2_grpc.add_RecommendServiceServicer_to_server(self.servicer, self.grpc)
@@ -132,9 +159,7 @@ class RecserveServer:
         reflection.enable_server_reflection(
             (RECOMMEND_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
-        if self.port == 0:
-            raise OSError(f"cannot bind {config.host}:{config.port}")
+        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")  # RuntimeError if taken
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -151,9 +176,17 @@ class RecserveServer:
             await self._set_health(True)
 
     async def drain(self) -> None:
+        """NOT_SERVING, refuse new requests, wait (up to drain_timeout_s) for the unary calls
+        in flight, then stop — Health.Watch streams never end by themselves, so the
+        server is not left waiting on them."""
         self.servicer.draining = True
-        await self._set_health(False)
-        await self.grpc.stop(grace=self.config.drain_timeout_s)
+        await self.health.enter_graceful_shutdown()
+        try:
+            await asyncio.wait_for(self.interceptor.idle.wait(), self.config.drain_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("drain: %d requests still running after %.0f s; stopping", self.interceptor.in_flight,
+                        self.config.drain_timeout_s)
+        await self.grpc.stop(grace=0.5)
         await self.registry.close()
         self.executor.shutdown(wait=True)
 
@@ -171,7 +204,8 @@ async def create_server(config: ServerConfig) -> RecserveServer:
 def serve_processes(config: ServerConfig, workers: int) -> None:
     """Run ``workers`` server processes on one port (SO_REUSEPORT: the kernel spreads
     connections over them); tables and item matrices are memory-mapped, so the processes
-    share those pages. SIGTERM/SIGINT to this process drains every worker."""
+    share those pages. SIGTERM/SIGINT to this process drains every worker; a worker that
+    dies on its own takes the others down with it (exit status 1)."""
     if workers <= 1:
         asyncio.run(serve(config))
         return
@@ -179,33 +213,51 @@ def serve_processes(config: ServerConfig, workers: int) -> None:
         raise ValueError("--workers > 1 needs a fixed --port (the workers share it)")
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(config,), name=f"recserve-worker-{i}") for i in range(workers)]
-    forward = lambda signum, _frame: [p.is_alive() and os.kill(p.pid, signal.SIGTERM) for p in procs]  # noqa: E731
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    stopping = False
+
+    def stop_all(signum=None, frame=None) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.pid is not None and p.exitcode is None:
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
     for p in procs:
         p.start()
-    for p in procs:
-        p.join()
-    failed = [p.name for p in procs if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"worker(s) {', '.join(failed)} exited with an error")
+        if stopping:  # a signal arrived while starting: this one too
+            os.kill(p.pid, signal.SIGTERM)
+    while any(p.exitcode is None for p in procs):
+        multiprocessing.connection.wait([p.sentinel for p in procs if p.exitcode is None], timeout=1.0)
+        if not stopping and any(p.exitcode is not None for p in procs):
+            log.error("a worker exited on its own; stopping the others")
+            stop_all()
+    clean = (0, -signal.SIGTERM) if stopping else (0,)
+    failed = [f"{p.name} ({p.exitcode})" for p in procs if p.exitcode not in clean]
+    if failed or not stopping:
+        raise RuntimeError(f"worker(s) exited with an error: {', '.join(failed) or 'unexpected exit'}")
 
 
 def _worker(config: ServerConfig) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards one SIGTERM instead
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, share_port=True))
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig, share_port: bool = False) -> None:
     """Run until SIGTERM/SIGINT, then drain."""
-    server = RecserveServer(config)
+    server = RecserveServer(config, share_port=share_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    print(f"recserve (pid {os.getpid()}) serving {', '.join(server.registry.models) or 'no models'} "
-          f"on port {server.port}", flush=True)
+    loaded = [name for name, state in server.registry.models.items() if state.serving is not None]
+    missing = sorted(set(server.registry.models) - set(loaded))
+    if missing:
+        print(f"recserve: NOT serving {', '.join(missing)}: no loadable version (reasons in the log)",
+              file=sys.stderr, flush=True)
+    print(f"recserve (pid {os.getpid()}) serving {', '.join(loaded) or 'no model'} on port {server.port}",
+          flush=True)
     await stop.wait()
     log.info("draining (up to %.0f s)", config.drain_timeout_s)
     await server.drain()

@@ -2,12 +2,15 @@
 
     batcher = DynamicBatcher(run_batch, config.batching, executor)
     result = await batcher.submit(query, deadline=loop.time() + 0.05)
+    await batcher.close()      # stop intake; queued requests fail NotReady; in-flight finish
 
-A batch closes when it holds ``max_batch_size`` requests or when its first request has
-waited ``max_queue_delay_us``; it is computed by ``run_batch(items) -> results`` in the
+A batch closes when it holds ``max_batch_size`` requests or when its oldest request has
+waited ``max_queue_delay_us`` since it arrived (0: never wait; requests arriving during a
+compute form the next batch). It is computed by ``run_batch(items) -> results`` in the
 executor (off the event loop, once per batch). At most ``max_queue_size`` requests wait:
 one more is refused at once with ``QueueFull``. A request whose deadline has passed is
-dropped before compute (``DeadlineExpired``); a cancelled caller's request is skipped.
+dropped before compute (``DeadlineExpired``); a cancelled caller's request is skipped. If
+a batch raises, its requests are retried one by one, so one bad request fails alone.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from recserve.server.config import BatchingConfig
-from recserve.server.errors import DeadlineExpired, QueueFull
+from recserve.server.errors import DeadlineExpired, NotReady, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ class _Pending:
     item: object
     future: asyncio.Future
     deadline: float | None
+    arrived: float
 
 
 class DynamicBatcher:
@@ -42,50 +46,67 @@ class DynamicBatcher:
         self._queue: collections.deque[_Pending] = collections.deque()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._closed = False
         self.batches = 0  # counters for metrics and tests
         self.items = 0
 
     def start(self) -> None:
-        if self._task is None:
+        if self._closed:
+            raise NotReady(f"{self._name} is unloaded; retry")
+        if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher {self._name}")
+            self._task.add_done_callback(self._log_crash)
+
+    def _log_crash(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batcher %s stopped", self._name, exc_info=task.exception())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        """Stop taking requests; fail the queued ones (UNAVAILABLE: retry elsewhere) and let
+        the batch being computed finish."""
+        self._closed = True
         while self._queue:
             p = self._queue.popleft()
             if not p.future.done():
-                p.future.cancel()
+                p.future.set_exception(NotReady(f"{self._name} was unloaded before this request ran; retry"))
+        self._arrived.set()  # wake the loop so that it sees the closed queue and ends
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
     async def submit(self, item, deadline: float | None = None):
+        if self._closed:
+            raise NotReady(f"{self._name} is unloaded; retry")
+        if len(self._queue) >= self._config.max_queue_size:
+            self._drop_cancelled()
         if len(self._queue) >= self._config.max_queue_size:
             raise QueueFull(f"{self._name}: {len(self._queue)} requests already queued "
                             f"(max_queue_size {self._config.max_queue_size}); retry with backoff")
         self.start()
-        pending = _Pending(item, asyncio.get_running_loop().create_future(), deadline)
+        loop = asyncio.get_running_loop()
+        pending = _Pending(item, loop.create_future(), deadline, loop.time())
         self._queue.append(pending)
         self._arrived.set()
         return await pending.future
 
+    def _drop_cancelled(self) -> None:
+        """Callers that went away do not hold queue places."""
+        self._queue = collections.deque(p for p in self._queue if not p.future.done())
+
     async def _collect(self) -> list[_Pending]:
-        """Wait for a first request, then for company until the batch is full or the
-        first request's delay budget is spent."""
-        while not self._queue:
+        """The next batch: up to max_batch_size requests, once the oldest has waited its
+        delay (measured from its arrival) or the batch is full. Empty when closed."""
+        while not self._queue and not self._closed:
             self._arrived.clear()
             await self._arrived.wait()
+        delay = self._config.max_queue_delay_us / 1e6
         loop = asyncio.get_running_loop()
-        close_at = loop.time() + self._config.max_queue_delay_us / 1e6
-        while self._config.max_queue_delay_us and len(self._queue) < self._config.max_batch_size:
-            remaining = close_at - loop.time()
+        while delay and self._queue and len(self._queue) < self._config.max_batch_size and not self._closed:
+            remaining = self._queue[0].arrived + delay - loop.time()
             if remaining <= 0:
                 break
             self._arrived.clear()
@@ -98,7 +119,7 @@ class DynamicBatcher:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not (self._closed and not self._queue):
             batch = await self._collect()
             now = loop.time()
             live = []
@@ -110,20 +131,35 @@ class DynamicBatcher:
                         f"{self._name}: the deadline passed while the request was queued"))
                     continue
                 live.append(p)
-            if not live:
-                continue
-            try:
-                results = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in live])
-            except Exception as e:  # one bad batch must not stop the batcher
+            if live:
+                try:
+                    await self._compute(loop, live)
+                finally:  # cancelled mid-compute: nobody may wait forever
+                    for p in live:
+                        if not p.future.done():
+                            p.future.set_exception(NotReady(f"{self._name} stopped while computing; retry"))
+
+    async def _compute(self, loop, live: list[_Pending]) -> None:
+        try:
+            results = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in live])
+            outcomes = list(zip(live, results, strict=True))
+        except Exception as e:
+            if len(live) == 1:
+                outcomes = [(live[0], e)]
+            else:  # find the request that broke the batch; the others still get answers
+                outcomes = []
                 for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(e)
+                    try:
+                        outcomes.append((p, (await loop.run_in_executor(self._executor, self._run_batch,
+                                                                        [p.item]))[0]))
+                    except Exception as single:
+                        outcomes.append((p, single))
+        self.batches += 1
+        self.items += len(live)
+        for p, outcome in outcomes:
+            if p.future.done():
                 continue
-            self.batches += 1
-            self.items += len(live)
-            for p, r in zip(live, results):
-                if not p.future.done():
-                    if isinstance(r, BaseException):
-                        p.future.set_exception(r)
-                    else:
-                        p.future.set_result(r)
+            if isinstance(outcome, BaseException):
+                p.future.set_exception(outcome)
+            else:
+                p.future.set_result(outcome)

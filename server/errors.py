@@ -31,6 +31,12 @@ class NotReady(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class VersionNotLoaded(ServingError):
+    """A version that exists but is not being served: retrying will not help."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class QueueFull(ServingError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

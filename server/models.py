@@ -21,7 +21,7 @@ from pathlib import Path
 
 from recserve.server.batcher import DynamicBatcher
 from recserve.server.config import ServerConfig
-from recserve.server.errors import ModelNotFound, NotReady
+from recserve.server.errors import ModelNotFound, NotReady, VersionNotLoaded
 from recserve.server.recommend import FeatureSource, Query, RequestFeatures, Result, recommend_batch
 from recserve.server.engines import EngineUnavailable
 from recserve.server.repository import RepositoryError, list_versions, read_manifest, validate_model_name
@@ -36,7 +36,7 @@ class ServedVersion:
     version: int
     model: RetrievalModel
     batcher: DynamicBatcher
-    variant: str = ""
+    variant: str = ""  # the A/B variant name (the lifecycle issue sets it); "" without a split
 
     async def submit(self, query: Query, deadline: float | None) -> Result:
         return await self.batcher.submit(query, deadline)
@@ -104,16 +104,22 @@ class ModelRegistry:
     def _load_version(self, name: str, version: int) -> RetrievalModel:
         version_dir = self.repository / name / str(version)
         options = {"threads": self.config.engine_threads}
-        for backend in self._backends(version_dir):
+        backends = self._backends(version_dir)
+        for backend in backends:
             try:
                 model = RetrievalModel.load(version_dir, backend=backend, item_dtype=self.config.item_dtype,
                                             engine_options=options)
-            except EngineUnavailable as e:
-                if self.config.engine != "auto":
+                max_batch = model.manifest["engines"][backend].get("max_batch")
+                if max_batch is not None and self.config.batching.max_batch_size > max_batch:
+                    raise EngineUnavailable(f"its plan takes batches up to {max_batch}, "
+                                            f"max_batch_size is {self.config.batching.max_batch_size}")
+                model.check_golden()
+            except (EngineUnavailable, RepositoryError) as e:
+                if backend == backends[-1] or (self.config.engine != "auto"):
                     raise
-                log.info("model %s version %d: %s engine unavailable (%s); trying the next", name, version, backend, e)
+                log.warning("model %s version %d: %s engine not used (%s); trying %s", name, version, backend, e,
+                            backends[backends.index(backend) + 1])
                 continue
-            model.check_golden()
             log.info("model %s version %d: %s engine (%s)", name, version, backend, ", ".join(model.engine.providers))
             return model
         raise EngineUnavailable(f"{version_dir}: no engine that runs here")
@@ -148,7 +154,9 @@ class ModelRegistry:
             versions = list_versions(self.repository / name)
             if version not in versions:
                 raise ModelNotFound(f"model {name!r} has no version {version} (versions: {versions})")
-            raise NotReady(f"model {name!r} version {version} is not loaded (serving version {served.version})")
+            why = f": {state.failures[version]}" if version in state.failures else ""
+            raise VersionNotLoaded(f"model {name!r} version {version} is not loaded (serving version "
+                                   f"{served.version}){why}")
         return served
 
     @property

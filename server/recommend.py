@@ -17,6 +17,8 @@ from typing import Protocol
 
 from recserve.server.retrieval import RetrievalModel
 from recserve.features.history import HISTORY_SOURCE
+from recserve.features.spec import FeatureValueError
+from recserve.server.errors import InvalidRequest
 
 
 @dataclass(frozen=True)
@@ -51,5 +53,8 @@ def recommend_batch(model: RetrievalModel, source: FeatureSource, queries: Seque
     records = source.user_records(queries)
     k = max(q.k for q in queries)
     exclude = [q.exclude for q in queries] if any(q.exclude for q in queries) else None
-    ranked = model.recommend(records, k, exclude=exclude)
+    try:
+        ranked = model.recommend(records, k, exclude=exclude)
+    except FeatureValueError as e:  # e.g. a number-valued context field sent "abc"
+        raise InvalidRequest(str(e)) from None
     return [Result(ids[: q.k], scores[: q.k]) for q, (ids, scores) in zip(queries, ranked)]
