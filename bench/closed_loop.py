@@ -6,6 +6,7 @@ older than the one recserve's generated stubs need.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import time
 
@@ -44,3 +45,14 @@ async def closed_loop(send, n_requests: int, concurrency: int, seconds: float, e
     return {"concurrency": concurrency, "requests": len(lat), "rps": len(lat) / seconds,
             "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
             "p99_ms": float(np.percentile(lat, 99)), "errors": errors}
+
+
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `load` subcommand's arguments, the same for every load generator."""
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--requests", required=True, help="JSON list of {user_id, history}")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--channels", type=int, default=4, help="client connections (workers share them)")

@@ -20,7 +20,7 @@ import sys
 import grpc
 import numpy as np
 
-from closed_loop import closed_loop
+from closed_loop import add_load_arguments, closed_loop
 from recserve.v1 import recommend_pb2, recommend_pb2_grpc
 
 
@@ -90,14 +90,7 @@ async def _floor(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("load")
-    p.add_argument("--target", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--requests", required=True)
-    p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--seconds", type=float, default=10)
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--channels", type=int, default=4, help="client connections (workers share them)")
+    add_load_arguments(sub.add_parser("load"))
     p = sub.add_parser("floor")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--k", type=int, default=20)

@@ -62,6 +62,8 @@ from pathlib import Path
 
 import numpy as np
 
+from closed_loop import add_load_arguments, closed_loop
+
 HISTORY_SEP = ","
 
 
@@ -194,7 +196,6 @@ def _error_name(e: Exception) -> str:
 
 
 async def _load(args) -> dict:
-    from closed_loop import closed_loop
     from tritonclient.grpc.aio import InferRequestedOutput
 
     requests = [_inputs(u) for u in _requests(args.requests)]
@@ -252,14 +253,7 @@ def main() -> int:
     p.add_argument("--version", type=int, help="default: the highest version")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--port", type=int, default=0, help="gRPC port (default: a free one)")
-    p = sub.add_parser("load")
-    p.add_argument("--target", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--requests", required=True)
-    p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--seconds", type=float, default=10)
-    p.add_argument("--k", type=int, default=20, help="the server's k (fixed when it starts); kept for serve.py")
-    p.add_argument("--channels", type=int, default=4, help="client connections (workers share them)")
+    add_load_arguments(sub.add_parser("load"))  # (--k is the server's, fixed when it starts)
     p = sub.add_parser("check")
     p.add_argument("--target", required=True)
     p.add_argument("--repository", required=True)
