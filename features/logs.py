@@ -209,12 +209,13 @@ def read_table(path: str | Path, required: Sequence[str], id_columns: Sequence[s
     path = Path(path)
     table = read_arrow(path, string_columns=(*id_columns, *text_columns))
     require_columns(path, table, required)
-    out = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
+    typed = {*id_columns, *text_columns, *number_columns}
+    out = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names if name not in typed}
     for name in id_columns:
         out[name] = string_column(path, table, name)
-    for name in (c for c in text_columns if c in out):
+    for name in (c for c in text_columns if c in table.column_names):
         out[name] = optional_string_column(table, name)
-    for name in (c for c in number_columns if c in out):
+    for name in (c for c in number_columns if c in table.column_names):
         out[name] = float_column(path, table, name)
     return out
 

@@ -161,7 +161,9 @@ class RetrievalModel:
         2^-11 * |q| * |x| (Cauchy-Schwarz)."""
         if self.item_matrix.dtype != np.float16:
             return 0.0
-        if self._max_item_norm is None:
-            self._max_item_norm = float(np.sqrt(np.max(np.sum(
-                np.square(np.asarray(self.item_matrix, np.float32)), axis=1))))
+        if self._max_item_norm is None:  # in chunks: no float32 copy of a large matrix
+            step = 1 << 16
+            self._max_item_norm = max(
+                float(np.sqrt(np.max(np.sum(np.square(self.item_matrix[i:i + step], dtype=np.float32), axis=1))))
+                for i in range(0, len(self.item_matrix), step))
         return 2.0 ** -11 * float(np.linalg.norm(vec)) * self._max_item_norm

@@ -40,13 +40,19 @@ def batcher(gate, **config):
     return DynamicBatcher(gate, BatchingConfig(**config), ThreadPoolExecutor(1), name="m/1")
 
 
+async def hold_computing(b, gate, item="a"):
+    """Submit ``item`` with the gate closed: it is computing (held) when this returns."""
+    gate.open.clear()
+    computing = asyncio.ensure_future(b.submit(item))
+    await asyncio.sleep(0.05)
+    return computing
+
+
 def test_requests_arriving_during_a_compute_form_the_next_batch():
     async def main():
         gate = Gate()
         b = batcher(gate, max_batch_size=8)
-        gate.open.clear()
-        first = asyncio.ensure_future(b.submit("a"))
-        await asyncio.sleep(0.05)  # "a" is computing (held by the gate)
+        first = await hold_computing(b, gate)
         rest = [asyncio.ensure_future(b.submit(x)) for x in "bcdefghij"]
         await asyncio.sleep(0.05)
         gate.open.set()
@@ -77,9 +83,7 @@ def test_expired_requests_are_dropped_before_compute():
     async def main():
         gate = Gate()
         b = batcher(gate, max_batch_size=8)
-        gate.open.clear()
-        blocker = asyncio.ensure_future(b.submit("a"))
-        await asyncio.sleep(0.05)
+        blocker = await hold_computing(b, gate)
         loop = asyncio.get_running_loop()
         late = asyncio.ensure_future(b.submit("late", deadline=loop.time() + 0.05))
         ok = asyncio.ensure_future(b.submit("ok", deadline=loop.time() + 30))
@@ -98,9 +102,7 @@ def test_a_full_queue_refuses_at_once_and_cancelled_callers_free_their_place():
     async def main():
         gate = Gate()
         b = batcher(gate, max_batch_size=1, max_queue_size=2)
-        gate.open.clear()
-        computing = asyncio.ensure_future(b.submit("a"))
-        await asyncio.sleep(0.05)
+        computing = await hold_computing(b, gate)
         queued = [asyncio.ensure_future(b.submit(x)) for x in "bc"]
         await asyncio.sleep(0.01)
         with pytest.raises(QueueFull, match="max_queue_size 2"):
@@ -123,9 +125,7 @@ def test_one_bad_request_fails_alone_and_a_broken_batch_does_not_hang():
     async def main():
         gate = Gate()
         b = batcher(gate, max_batch_size=8)
-        gate.open.clear()
-        blocker = asyncio.ensure_future(b.submit("a"))
-        await asyncio.sleep(0.05)
+        blocker = await hold_computing(b, gate)
         batch = [asyncio.ensure_future(b.submit(x)) for x in ("x", "bad", "y")]
         await asyncio.sleep(0.05)
         gate.open.set()
@@ -146,9 +146,7 @@ def test_close_fails_queued_requests_and_refuses_new_ones():
     async def main():
         gate = Gate()
         b = batcher(gate, max_batch_size=1)
-        gate.open.clear()
-        computing = asyncio.ensure_future(b.submit("a"))
-        await asyncio.sleep(0.05)
+        computing = await hold_computing(b, gate)
         queued = asyncio.ensure_future(b.submit("b"))
         await asyncio.sleep(0.01)
         closing = asyncio.ensure_future(b.close())
