@@ -189,6 +189,24 @@ py::tuple topk_py(const py::object& queries, const py::object& items, int64_t k,
   return py::make_tuple(scores, ids);
 }
 
+// Test hook for the bfloat16 pre-filter of the CPU top-k (see ops.h).
+py::array_t<int64_t> topk_bf16_filter_py(const py::object& queries, const py::object& items,
+                                         const py::object& thresholds) {
+  const char* op = "topk_inner_product";
+  py::array q = contiguous(as_numpy(queries, op, "queries"));
+  py::array it = rows_contiguous(as_numpy(items, op, "items"));
+  py::array_t<float, py::array::c_style | py::array::forcecast> t(thresholds);
+  const TensorView qv = host_view(q), iv = host_view(it);
+  check_topk(qv, iv, 1, TensorView{}, TensorView{});
+  if (t.ndim() != 1 || t.shape(0) != qv.shape[0]) arg_error(op, "one threshold per query");
+  std::vector<int64_t> rows;
+  {
+    py::gil_scoped_release nogil;
+    rows = cpu::topk_bf16_filter_rows(qv, iv, t.data());
+  }
+  return py::array_t<int64_t>(py::ssize_t(rows.size()), rows.data());
+}
+
 py::dict build_info_py() {
   py::dict d;
   d["version"] = RECSERVE_VERSION;
@@ -220,4 +238,6 @@ PYBIND11_MODULE(_C, m) {
   // Test/benchmark hooks: run the CPU kernels with a lower ISA than the best.
   m.def("_set_isa", &recserve::cpu::set_isa, py::arg("name"));
   m.def("_isa", [] { return std::string(recserve::cpu::simd().name); });
+  m.def("_topk_bf16_filtered_tiles", &recserve::cpu::topk_bf16_filtered_tiles);
+  m.def("_topk_bf16_filter", &topk_bf16_filter_py, py::arg("queries"), py::arg("items"), py::arg("thresholds"));
 }

@@ -25,7 +25,16 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 const SimdKernels* best() {
+  if (cpu_has_avx512bf16()) return &simd_avx512bf16();
   if (cpu_has_avx512()) return &simd_avx512();
   if (cpu_has_avx2()) return &simd_avx2();
   return &simd_scalar();
@@ -48,6 +57,7 @@ std::vector<std::string> supported_isas() {
   std::vector<std::string> out{"scalar"};
   if (cpu_has_avx2()) out.push_back("avx2");
   if (cpu_has_avx512()) out.push_back("avx512");
+  if (cpu_has_avx512bf16()) out.push_back("avx512bf16");
   return out;
 }
 
@@ -56,6 +66,7 @@ void set_isa(const std::string& name) {
   if (name == "scalar") k = &simd_scalar();
   else if (name == "avx2" && cpu_has_avx2()) k = &simd_avx2();
   else if (name == "avx512" && cpu_has_avx512()) k = &simd_avx512();
+  else if (name == "avx512bf16" && cpu_has_avx512bf16()) k = &simd_avx512bf16();
   else if (name == "best") k = best();
   if (k == nullptr)
     throw std::invalid_argument("set_isa: '" + name + "' is not supported on this CPU (supported: " +

@@ -1,6 +1,6 @@
 // Run-time ISA dispatch for the CPU kernels' inner loops.
 //
-// Each ISA (scalar, AVX2, AVX-512) fills one SimdKernels table in its own
+// Each ISA (scalar, AVX2, AVX-512, AVX-512 + BF16) fills one SimdKernels table in its own
 // translation unit (simd_<isa>.cpp) using function-level target attributes, so
 // the rest of the library is compiled for the baseline ISA and never executes an
 // instruction the CPU lacks. The table is chosen once from CPUID; tests and
@@ -46,15 +46,28 @@ struct SimdKernels {
   int64_t (*pool_bags)(const char* base, int64_t ld_bytes, bool half, const int64_t* idx,
                        const int64_t* off, int64_t b0, int64_t b1, int64_t num_indices,
                        int64_t num_rows, const float* w, bool mean, int64_t d, float* out);
+
+  // Optional (nullptr unless the CPU has AVX512_BF16): a bfloat16 pre-filter for
+  // score_tile_lanes at twice its multiply rate. to_bf16_rows rounds n float32 (or, with
+  // `half`, binary16) rows x + i * ldx (nearest even) into dst, [n][dp] words of two bfloat16 (dp = ceil(d / 2); word p holds
+  // columns 2p and 2p + 1, an odd d padded with 0) and returns the largest row norm
+  // (NaN or inf if some row has one). prefilter_lanes_bf16 scores those rows against qt2,
+  // the query block in the same pairs, [dp][w], and returns the rows where some lane's
+  // approximate score exceeds thr_lo[l] (the caller lowers the thresholds by a bound on
+  // the approximation error, so no row that could enter a heap is missed).
+  float (*to_bf16_rows)(const void* x, bool half, int64_t ldx, int64_t n, int64_t d, uint32_t* dst);
+  int64_t (*prefilter_lanes_bf16)(const uint32_t* qt2, int64_t w, const float* thr_lo,
+                                  const uint32_t* xb, int64_t n, int64_t dp, int32_t* hits);
 };
 
 const SimdKernels& simd_scalar();
 const SimdKernels& simd_avx2();
 const SimdKernels& simd_avx512();
+const SimdKernels& simd_avx512bf16();
 
 // The table in use (the best the CPU supports unless set_isa() lowered it).
 const SimdKernels& simd();
-// ISAs this CPU can run, best last: e.g. {"scalar", "avx2", "avx512"}.
+// ISAs this CPU can run, best last: e.g. {"scalar", "avx2", "avx512", "avx512bf16"}.
 std::vector<std::string> supported_isas();
 // Force an ISA; throws std::invalid_argument if unknown or unsupported here.
 void set_isa(const std::string& name);

@@ -1,9 +1,12 @@
 // AVX-512 (F, BW, VL) inner loops: 16 float lanes, masked tails instead of
-// scalar remainders. Compiled with function-level target attributes only.
+// scalar remainders; on CPUs with AVX512_BF16 also the bfloat16 pre-filter for
+// batched top-k. Compiled with function-level target attributes only.
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "cpu/prefetch.h"
 #include "cpu/simd.h"
@@ -242,16 +245,101 @@ RS_AVX512 int64_t pool_bags(const char* base, int64_t ld_bytes, bool half, const
               : pool_bags_t<float>(base, ld_bytes, idx, off, b0, b1, num_indices, num_rows, w, mean, d, out);
 }
 
+// ---- bfloat16 pre-filter (AVX512_BF16) ------------------------------------------
+#define RS_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
+
+// Same-size vector reinterpretation (GCC vector casts; no instruction).
+RS_AVX512BF16 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+RS_AVX512BF16 inline __m512i as_words(__m512bh v) { return (__m512i)v; }
+
+template <typename T>
+RS_AVX512BF16 inline float to_bf16_rows_t(const T* x, int64_t ldx, int64_t n, int64_t d, uint32_t* dst) {
+  const int64_t dp = (d + 1) / 2;
+  float max_sq = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const T* row = x + i * ldx;
+    uint32_t* out = dst + i * dp;
+    __m512 sq = _mm512_setzero_ps();
+    for (int64_t j = 0; j < d; j += 2 * kLanes) {  // 32 columns -> 16 words per step
+      const __m512 lo = load16(row + j, tail_mask(std::clamp<int64_t>(d - j, 0, kLanes)));
+      const __m512 hi = load16(row + j + kLanes, tail_mask(std::clamp<int64_t>(d - j - kLanes, 0, kLanes)));
+      sq = _mm512_fmadd_ps(lo, lo, _mm512_fmadd_ps(hi, hi, sq));
+      const __m512i words = as_words(_mm512_cvtne2ps_pbh(hi, lo));  // columns j.. in order
+      _mm512_mask_storeu_epi32(out + j / 2, tail_mask(std::min<int64_t>(dp - j / 2, kLanes)), words);
+    }
+    const float row_sq = _mm512_reduce_add_ps(sq);
+    if (!(row_sq <= std::numeric_limits<float>::max())) return std::numeric_limits<float>::quiet_NaN();
+    max_sq = std::max(max_sq, row_sq);
+  }
+  return std::sqrt(max_sq);
+}
+
+RS_AVX512BF16 float to_bf16_rows(const void* x, bool half, int64_t ldx, int64_t n, int64_t d, uint32_t* dst) {
+  return half ? to_bf16_rows_t(static_cast<const uint16_t*>(x), ldx, n, d, dst)
+              : to_bf16_rows_t(static_cast<const float*>(x), ldx, n, d, dst);
+}
+
+// R rows x G lane groups of approximate scores; flags the rows where a lane beats thr_lo.
+template <int R, int G>
+RS_AVX512BF16 inline void bf16_block(const uint32_t* qt2, int64_t w, int64_t l0, const __m512* thr_lo,
+                                     const uint32_t* xb, int64_t dp, int64_t i0, int32_t* flags) {
+  __m512 acc[R][G];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_ps();
+  const uint32_t* xr = xb + i0 * dp;
+  for (int64_t p = 0; p < dp; ++p) {
+    __m512bh qv[G];
+    for (int g = 0; g < G; ++g) qv[g] = as_bh(_mm512_loadu_si512(qt2 + p * w + l0 + g * kLanes));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh b = as_bh(_mm512_set1_epi32(int(xr[r * dp + p])));
+      for (int g = 0; g < G; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], b, qv[g]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g)
+      if (_mm512_cmp_ps_mask(acc[r][g], thr_lo[g], _CMP_GT_OQ)) flags[i0 + r] = 1;
+}
+
+template <int R, int G>
+RS_AVX512BF16 inline void bf16_pass(const uint32_t* qt2, int64_t w, int64_t l0, const float* thr_lo,
+                                    const uint32_t* xb, int64_t n, int64_t dp, int32_t* flags) {
+  __m512 t[G];
+  for (int g = 0; g < G; ++g) t[g] = _mm512_loadu_ps(thr_lo + l0 + g * kLanes);
+  int64_t i = 0;
+  for (; i + R <= n; i += R) bf16_block<R, G>(qt2, w, l0, t, xb, dp, i, flags);
+  for (; i < n; ++i) bf16_block<1, G>(qt2, w, l0, t, xb, dp, i, flags);
+}
+
+RS_AVX512BF16 int64_t prefilter_lanes_bf16(const uint32_t* qt2, int64_t w, const float* thr_lo,
+                                           const uint32_t* xb, int64_t n, int64_t dp, int32_t* hits) {
+  for (int64_t i = 0; i < n; ++i) hits[i] = 0;
+  int64_t l0 = 0;
+  for (; l0 + 2 * kLanes <= w; l0 += 2 * kLanes) bf16_pass<12, 2>(qt2, w, l0, thr_lo, xb, n, dp, hits);
+  if (l0 < w) bf16_pass<12, 1>(qt2, w, l0, thr_lo, xb, n, dp, hits);
+  int64_t nh = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (hits[i]) hits[nh++] = int32_t(i);
+  return nh;
+}
+
 }  // namespace
 
 const SimdKernels& simd_avx512() {
   static const SimdKernels k{"avx512",         kLanes,           score_tile_row,
                              score_tile_row_f16, score_tile_lanes, half_to_float_rows,
-                             pool_bags};
+                             pool_bags,          nullptr,          nullptr};
+  return k;
+}
+
+const SimdKernels& simd_avx512bf16() {
+  static const SimdKernels k{"avx512bf16",     kLanes,           score_tile_row,
+                             score_tile_row_f16, score_tile_lanes, half_to_float_rows,
+                             pool_bags,          to_bf16_rows,     prefilter_lanes_bf16};
   return k;
 }
 #else
 const SimdKernels& simd_avx512() { return simd_scalar(); }
+const SimdKernels& simd_avx512bf16() { return simd_scalar(); }
 #endif
 
 }  // namespace recserve::cpu

@@ -6,8 +6,18 @@
 // current k-th best score, so the [B, N] score matrix never exists and almost no
 // row reaches the heaps once they are warm. The per-thread heaps are merged at the
 // end. Float16 items are widened tile by tile, so they cost half the memory traffic.
+//
+// On CPUs with AVX512_BF16, blocks of several queries are first scored in bfloat16
+// (twice the multiply rate of float32 FMAs). The bfloat16 score of a row is within a
+// proven bound of its float32 score, so a row whose bfloat16 score cannot beat the
+// heap threshold minus that bound cannot enter the heap; the few rows that can are
+// rescored with the float32 kernel. Results are bit-identical to the float32 path.
 #include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "cpu/parallel.h"
@@ -24,6 +34,38 @@ constexpr int64_t kMaxQueryBlock = 256;       // queries sharing one pass over t
 constexpr int64_t kHeapBudgetBytes = 64 << 20;
 constexpr int64_t kMinMacsPerThread = 1 << 20;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
+// A tile where more than 1 row in this many passes the bfloat16 filter (heaps still
+// filling, or scores packed closer than the bound) is scored in float32 directly.
+constexpr int64_t kBf16MaxPassFraction = 4;
+std::atomic<int64_t> g_bf16_tiles{0};
+
+// float32 -> bfloat16 bits, round to nearest even (what VCVTNE2PS2BF16 does for normal
+// numbers; NaN stays NaN).
+inline uint32_t bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+// Bound on |float32 score - bfloat16 score| for query q and row x:
+//   rel(d) * |q| * |x| + abs(d) * (1 + |q| + |x|).
+// Rounding q and x to bfloat16 moves each product q_j x_j by at most
+// (2 * 2^-8 + 2^-16) |q_j x_j|; the float32 kernel's FMA chain and the bfloat16
+// kernel's float32 accumulation each add at most gamma_d * sum |q_j x_j| (gamma_d =
+// d u / (1 - d u), u = 2^-24; counted twice more for implementations that round
+// each pair twice); sum |q_j x_j| <= |q| |x| (Cauchy-Schwarz), and 5 % covers the
+// rounding of the norms themselves. The absolute term covers bfloat16 subnormals,
+// which the instructions flush to zero (each < 2^-126).
+struct Bf16Bound {
+  double rel, abs;
+  explicit Bf16Bound(int64_t d) {
+    const double u = std::ldexp(1.0, -24), gamma = double(d) * u / (1.0 - double(d) * u);
+    rel = 1.05 * (std::ldexp(1.0, -7) + std::ldexp(1.0, -16) + 4.0 * gamma);
+    abs = double(d) * std::ldexp(1.0, -120);
+  }
+};
 
 struct Entry {
   float score;
@@ -104,7 +146,145 @@ void write_sorted(std::vector<Entry>& all, int64_t k, float* scores, int64_t* id
   }
 }
 
+// One block of queries as the lane kernels take it.
+struct QueryBlock {
+  int64_t nq = 0, w = 0;        // real queries, lanes (a multiple of the SIMD width)
+  std::vector<float> qt;        // transposed, [d][w], padding lanes zero
+  bool bf16 = false;            // use the bfloat16 filter
+  std::vector<uint32_t> qt2;    // bfloat16 pairs, [dp][w]
+  std::vector<double> qnorm;    // |q_l|
+
+  void fill(const float* q_all, int64_t q0, int64_t d, bool want_bf16) {
+    qt.assign(size_t(d * w), 0.f);
+    for (int64_t l = 0; l < nq; ++l)
+      for (int64_t j = 0; j < d; ++j) qt[size_t(j * w + l)] = q_all[(q0 + l) * d + j];
+    bf16 = want_bf16;
+    if (!bf16) return;
+    const int64_t dp = (d + 1) / 2;
+    qt2.assign(size_t(dp * w), 0u);
+    qnorm.assign(size_t(w), 0.0);
+    for (int64_t l = 0; l < nq; ++l) {
+      const float* q = q_all + (q0 + l) * d;
+      double sq = 0.0;
+      for (int64_t j = 0; j < d; ++j) {
+        qt2[size_t(j / 2 * w + l)] |= bf16_bits(q[j]) << (16 * (j % 2));
+        sq += double(q[j]) * double(q[j]);
+      }
+      qnorm[size_t(l)] = std::sqrt(sq);
+      bf16 = bf16 && std::isfinite(qnorm[size_t(l)]);  // inf/NaN queries: no useful bound
+    }
+  }
+};
+
+// Scores tiles of items against a query block (one per thread, owning its buffers):
+// scores[i * w + l] for every row i it reports as a hit (some lane beats thr[l]).
+// With the bfloat16 filter, only rows that pass it are scored in float32, by the same
+// score_tile_lanes call on that row alone, so hits and their scores are the same bits
+// as without the filter.
+class LaneScorer {
+ public:
+  LaneScorer(const SimdKernels& sk, const QueryBlock& qb, const Bf16Bound& bound, int64_t d, bool half)
+      : sk_(sk), qb_(qb), bound_(bound), d_(d), dp_((d + 1) / 2), half_(half),
+        widened_(half ? size_t(kTile * d) : 0), scores_(size_t(kTile * qb.w)), hits_(size_t(kTile)),
+        xb_(qb.bf16 ? size_t(kTile * dp_) : 0), thr_lo_(qb.bf16 ? size_t(qb.w) : 0),
+        passed_(qb.bf16 ? size_t(kTile) : 0) {}
+
+  const float* scores() const { return scores_.data(); }
+  const int32_t* hits() const { return hits_.data(); }
+  const int32_t* passed() const { return passed_.data(); }
+
+  // Rows x + i * ldx, i < n, of float32 or (half) binary16 items.
+  int64_t score(const void* x, int64_t ldx, int64_t n, const float* thr) {
+    int64_t np = -1;
+    if (qb_.bf16) np = filter(x, ldx, n, thr);
+    if (np < 0 || np * kBf16MaxPassFraction > n) {  // score the whole tile
+      const float* rows = half_ ? widen(x, ldx, 0, n) : static_cast<const float*>(x);
+      return sk_.score_tile_lanes(qb_.qt.data(), qb_.w, thr, rows, half_ ? d_ : ldx, n, d_, scores_.data(),
+                                  hits_.data());
+    }
+    g_bf16_tiles.fetch_add(1, std::memory_order_relaxed);
+    int64_t nh = 0;
+    int32_t unused;
+    for (int64_t c = 0; c < np; ++c) {
+      const int64_t i = passed_[size_t(c)];
+      const float* row = half_ ? widen(x, ldx, i, 1) : static_cast<const float*>(x) + i * ldx;
+      if (sk_.score_tile_lanes(qb_.qt.data(), qb_.w, thr, row, ldx, 1, d_, scores_.data() + i * qb_.w, &unused))
+        hits_[size_t(nh++)] = int32_t(i);
+    }
+    return nh;
+  }
+
+  // Rows that pass the bfloat16 filter (into passed_), or -1 when it cannot be used
+  // for this tile: some heap is not full yet (its threshold is -inf) or some row has
+  // a non-finite norm.
+  int64_t filter(const void* x, int64_t ldx, int64_t n, const float* thr) {
+    for (int64_t l = 0; l < qb_.nq; ++l)
+      if (thr[l] == kNegInf) return -1;
+    const float max_norm = sk_.to_bf16_rows(x, half_, ldx, n, d_, xb_.data());
+    if (!std::isfinite(max_norm)) return -1;
+    for (int64_t l = 0; l < qb_.w; ++l) {
+      if (l >= qb_.nq) {
+        thr_lo_[size_t(l)] = kPosInf;  // padding lanes never pass
+        continue;
+      }
+      const double q = qb_.qnorm[size_t(l)];
+      const double slack = bound_.rel * q * max_norm + bound_.abs * (1.0 + q + max_norm);
+      thr_lo_[size_t(l)] = std::nextafter(float(double(thr[l]) - slack), kNegInf);  // rounded down
+    }
+    return sk_.prefilter_lanes_bf16(qb_.qt2.data(), qb_.w, thr_lo_.data(), xb_.data(), n, dp_, passed_.data());
+  }
+
+ private:
+  // Binary16 rows [i, i + n) widened into the same rows of widened_ (row stride d).
+  const float* widen(const void* x, int64_t ldx, int64_t i, int64_t n) {
+    float* dst = widened_.data() + i * d_;
+    sk_.half_to_float_rows(static_cast<const uint16_t*>(x) + i * ldx, ldx, n, d_, dst);
+    return dst;
+  }
+
+  const SimdKernels& sk_;
+  const QueryBlock& qb_;
+  const Bf16Bound& bound_;
+  const int64_t d_, dp_;
+  const bool half_;
+  std::vector<float> widened_, scores_;
+  std::vector<int32_t> hits_;
+  std::vector<uint32_t> xb_;
+  std::vector<float> thr_lo_;
+  std::vector<int32_t> passed_;
+};
+
 }  // namespace
+
+int64_t topk_bf16_filtered_tiles() { return g_bf16_tiles.load(); }
+
+std::vector<int64_t> topk_bf16_filter_rows(const TensorView& queries, const TensorView& items,
+                                           const float* thr) {
+  const SimdKernels& sk = simd();
+  const int64_t nq = queries.shape[0], d = queries.shape[1], ldx = items.stride[0];
+  if (sk.prefilter_lanes_bf16 == nullptr) arg_error(kOp, "the bfloat16 filter needs the avx512bf16 ISA");
+  if (nq < 1 || nq > kMaxQueryBlock) arg_error(kOp, "1..", kMaxQueryBlock, " queries, got ", nq);
+  QueryBlock qb;
+  qb.nq = nq;
+  qb.w = (nq + sk.lanes - 1) / sk.lanes * sk.lanes;
+  qb.fill(queries.ptr<float>(), 0, d, true);
+  if (!qb.bf16) arg_error(kOp, "a query has a non-finite norm");
+  const bool half = items.dtype == DType::f16;
+  const Bf16Bound bound(d);
+  LaneScorer scorer(sk, qb, bound, d, half);
+  std::vector<float> t(size_t(qb.w), kPosInf);
+  std::copy(thr, thr + nq, t.begin());
+  std::vector<int64_t> rows;
+  for (int64_t start = 0; start < items.shape[0]; start += kTile) {
+    const int64_t n = std::min(kTile, items.shape[0] - start);
+    const void* x = half ? static_cast<const void*>(items.ptr<uint16_t>() + start * ldx)
+                         : static_cast<const void*>(items.ptr<float>() + start * ldx);
+    const int64_t np = scorer.filter(x, ldx, n, t.data());
+    if (np < 0) arg_error(kOp, "the filter does not apply to the tile at row ", start);
+    for (int64_t c = 0; c < np; ++c) rows.push_back(start + scorer.passed()[c]);
+  }
+  return rows;
+}
 
 void topk_inner_product(const TensorView& queries, const TensorView& items, int64_t k,
                         const TensorView& exclude_indptr, const TensorView& exclude_ids,
@@ -138,18 +318,18 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
   block = std::min(block, num_queries);  // small batches: allocate only what they use
 
   std::vector<RunningTopK> heaps(size_t(nt * block));
-  std::vector<float> qt;  // the current query block transposed, [d][w]
+  QueryBlock qb;
+  const Bf16Bound bound(d);
 
   for (int64_t q0 = 0; q0 < num_queries; q0 += block) {
     const int64_t nq = std::min(block, num_queries - q0);
     // Several queries: the transposed kernel scores `lanes` of them per FMA.
     // One to three: score row by row (most lanes would be padding).
     const bool use_lanes = lanes > 1 && nq * 4 >= lanes;
-    const int64_t w = use_lanes ? (nq + lanes - 1) / lanes * lanes : 1;
     if (use_lanes) {
-      qt.assign(size_t(d * w), 0.f);
-      for (int64_t l = 0; l < nq; ++l)
-        for (int64_t j = 0; j < d; ++j) qt[size_t(j * w + l)] = q_all[(q0 + l) * d + j];
+      qb.nq = nq;
+      qb.w = (nq + lanes - 1) / lanes * lanes;
+      qb.fill(q_all, q0, d, sk.prefilter_lanes_bf16 != nullptr);
     }
     for (auto& h : heaps) h.reset(cap);
 
@@ -160,29 +340,26 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
       const int64_t lo = std::min<int64_t>(num_items, t * per);
       const int64_t hi = std::min<int64_t>(num_items, lo + per);
       RunningTopK* my = heaps.data() + t * block;
-      std::vector<float> widened(half && use_lanes ? size_t(kTile * d) : 0);
-      std::vector<float> scores(size_t(kTile * w));
-      std::vector<int32_t> hits(static_cast<size_t>(kTile));
-      std::vector<float> thr(static_cast<size_t>(w));
+      std::vector<float> scores(use_lanes ? 0 : size_t(kTile));
+      std::vector<int32_t> hits(use_lanes ? 0 : size_t(kTile));
+      std::vector<float> thr(use_lanes ? size_t(qb.w) : 0);
+      std::optional<LaneScorer> lanes_scorer;
+      if (use_lanes) lanes_scorer.emplace(sk, qb, bound, d, half);
 
       for (int64_t start = lo; start < hi; start += kTile) {
         const int64_t n = std::min(kTile, hi - start);
         if (use_lanes) {
-          const float* x = items.ptr<float>() + start * ldx;
-          int64_t ld = ldx;
-          if (half) {  // widen once per tile, reused by every query lane
-            sk.half_to_float_rows(items.ptr<uint16_t>() + start * ldx, ldx, n, d, widened.data());
-            x = widened.data();
-            ld = d;
-          }
-          for (int64_t l = 0; l < w; ++l)
-            thr[l] = l < nq ? my[l].threshold() : std::numeric_limits<float>::infinity();
-          const int64_t nh = sk.score_tile_lanes(qt.data(), w, thr.data(), x, ld, n, d, scores.data(), hits.data());
+          for (int64_t l = 0; l < qb.w; ++l) thr[l] = l < nq ? my[l].threshold() : kPosInf;
+          const void* x = half ? static_cast<const void*>(items.ptr<uint16_t>() + start * ldx)
+                               : static_cast<const void*>(items.ptr<float>() + start * ldx);
+          const int64_t nh = lanes_scorer->score(x, ldx, n, thr.data());
+          const float* sc = lanes_scorer->scores();
+          const int32_t* hit = lanes_scorer->hits();
           for (int64_t h = 0; h < nh; ++h) {
-            const int64_t i = hits[h];
+            const int64_t i = hit[h];
             for (int64_t l = 0; l < nq; ++l) {
               RunningTopK& heap = my[l];
-              const float s = scores[size_t(i * w + l)];
+              const float s = sc[size_t(i * qb.w + l)];
               if (s > heap.threshold() && !excl.excluded(q0 + l, start + i)) heap.push(s, start + i);
             }
           }

@@ -206,3 +206,108 @@ def test_concurrent_calls_from_python_threads_agree():
         results = list(pool.map(lambda _: kernels.topk_inner_product(queries, items, 50), range(24)))
     for got in results:
         _check_exact(got, expected)
+
+
+# -- the bfloat16 pre-filter (AVX512_BF16 CPUs) ----------------------------------------
+
+def _bf16_problems():
+    """Data that stresses the filter's error bound: unit vectors (scores packed near the
+    threshold), heavy-tailed norms, tiny magnitudes (bfloat16 subnormals flush to zero),
+    near-duplicate rows (ties within the bound), odd and narrow widths."""
+    rng = np.random.default_rng(21)
+    unit = rng.standard_normal((40_000, 64)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    yield "unit", unit, rng.standard_normal((37, 64)).astype(np.float32)
+    heavy = (rng.standard_normal((30_000, 33)) * np.exp(rng.standard_normal((30_000, 1)) * 2)).astype(np.float32)
+    yield "heavy-tailed, d=33", heavy, rng.standard_normal((16, 33)).astype(np.float32)
+    yield "tiny", (unit[:20_000] * 1e-36).astype(np.float32), rng.standard_normal((20, 64)).astype(np.float32)
+    base = rng.standard_normal((1, 48)).astype(np.float32)
+    near = (base + rng.standard_normal((25_000, 48)).astype(np.float32) * 1e-3).astype(np.float32)
+    yield "near-duplicates", near, (base + rng.standard_normal((64, 48)) * 0.1).astype(np.float32)
+    yield "d=7", rng.standard_normal((30_000, 7)).astype(np.float32), rng.standard_normal((24, 7)).astype(np.float32)
+
+
+def _skip_without_bf16():
+    from recserve import _C
+
+    supported = _C.build_info()["cpu_isas_supported"]
+    if "avx512bf16" not in supported:
+        pytest.skip(f"this CPU has no AVX512_BF16, so the bfloat16 pre-filter never runs (supports {supported})")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_bf16_prefilter_never_drops_a_row_that_beats_the_threshold(dtype):
+    """Soundness of the error bound, tested on the filter itself: thresholds sit at each
+    query's 99.5th percentile score, so thousands of rows lie within the bfloat16 error
+    of them; every row scoring above (by more than float32 rounding) must pass."""
+    from recserve import _C
+
+    _skip_without_bf16()
+    for name, items, queries in _bf16_problems():
+        items = items.astype(dtype)
+        x = items.astype(np.float64)
+        exact = queries.astype(np.float64) @ x.T
+        thr = np.percentile(exact, 99.5, axis=1).astype(np.float32)
+        # float32 rounding of the kernel's own scores: below d * 2^-23 * |q| |x|
+        rounding = queries.shape[1] * 2.0**-23 * np.outer(np.linalg.norm(queries, axis=1), np.linalg.norm(x, axis=1))
+        must_pass = np.flatnonzero(np.any(exact > thr[:, None] + rounding, axis=0))
+        try:
+            _C._set_isa("avx512bf16")
+            passed = _C._topk_bf16_filter(queries, items, thr)
+        finally:
+            _C._set_isa("best")
+        missed = np.setdiff1d(must_pass, passed)
+        assert len(missed) == 0, f"{name}: {len(missed)} rows above the threshold were filtered out"
+        if name == "unit":  # and it is a filter: few rows pass that need not
+            assert len(passed) < 2 * len(must_pass), f"{name}: {len(passed)} rows passed, {len(must_pass)} needed to"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("k", [1, 20, 300])
+def test_bf16_prefilter_gives_the_float32_results_bit_for_bit(dtype, k):
+    """The filter only decides which rows the float32 kernel scores: ids and scores must
+    be the same bits as with plain AVX-512, and the filter must actually have run."""
+    from recserve import _C
+
+    _skip_without_bf16()
+    for name, items, queries in _bf16_problems():
+        items = items.astype(dtype)
+        rng = np.random.default_rng(len(queries))
+        counts = rng.integers(0, 5, len(queries))
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        ids = rng.integers(0, len(items), int(indptr[-1])).astype(np.int64)
+        try:
+            _C._set_isa("avx512")
+            expected = kernels.topk_inner_product(queries, items, k, exclude_indptr=indptr, exclude_ids=ids)
+            _C._set_isa("avx512bf16")
+            before = _C._topk_bf16_filtered_tiles()
+            got = kernels.topk_inner_product(queries, items, k, exclude_indptr=indptr, exclude_ids=ids)
+            filtered = _C._topk_bf16_filtered_tiles() - before
+        finally:
+            _C._set_isa("best")
+        np.testing.assert_array_equal(got[1], expected[1], err_msg=name)
+        np.testing.assert_array_equal(got[0], expected[0], err_msg=name)
+        if name in ("unit", "heavy-tailed, d=33", "d=7") and k <= 20:
+            assert filtered > 0, f"{name}: the bfloat16 filter never decided a tile"
+
+
+def test_bf16_prefilter_falls_back_on_non_finite_rows_and_queries():
+    from recserve import _C
+
+    _skip_without_bf16()
+    rng = np.random.default_rng(22)
+    items = rng.standard_normal((20_000, 32)).astype(np.float32)
+    items[[5, 7_000, 19_999]] = np.array([np.nan, np.inf, -np.inf], np.float32)[:, None]
+    finite = rng.standard_normal((16, 32)).astype(np.float32)
+    with_inf = finite.copy()
+    with_inf[3, 4] = np.inf
+    for queries in (finite, with_inf):  # bad rows alone; bad rows and a bad query
+        try:
+            _C._set_isa("avx512")
+            expected = kernels.topk_inner_product(queries, items, 10)
+            _C._set_isa("avx512bf16")
+            got = kernels.topk_inner_product(queries, items, 10)
+        finally:
+            _C._set_isa("best")
+        np.testing.assert_array_equal(got[1], expected[1])
+        np.testing.assert_array_equal(got[0], expected[0])

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "recserve/tensor.h"
 
@@ -27,6 +28,16 @@ void embedding_bag(const TensorView& table, const TensorView& indices, const Ten
 void topk_inner_product(const TensorView& queries, const TensorView& items, int64_t k,
                         const TensorView& exclude_indptr, const TensorView& exclude_ids,
                         const TensorView& out_scores, const TensorView& out_ids);
+// Tiles of items the CPU top-k scored through its bfloat16 pre-filter (since the
+// process started): lets tests see that the filter path runs.
+int64_t topk_bf16_filtered_tiles();
+// Test hook: the rows of `items` that pass the bfloat16 pre-filter for `queries`
+// (at most 256, float32) against thresholds `thr` (one per query, all finite), as the
+// top-k applies it tile by tile. Throws std::invalid_argument where the filter cannot
+// run (CPU without AVX512_BF16 selected, non-finite query or row norms).
+std::vector<int64_t> topk_bf16_filter_rows(const TensorView& queries, const TensorView& items,
+                                           const float* thr);
+
 }  // namespace cpu
 
 // Same ops on device memory, enqueued on `stream` (a cudaStream_t). Value errors
