@@ -93,6 +93,7 @@ def _cmd_serve(args) -> None:
         "repository": args.repository, "host": args.host, "port": args.port, "max_k": args.max_k,
         "item_dtype": args.item_dtype, "batching.max_batch_size": args.max_batch_size,
         "batching.max_queue_delay_us": args.max_queue_delay_us, "batching.max_queue_size": args.max_queue_size,
+        "batching.inline_compute_us": args.inline_compute_us,
         "engine": args.engine})
     serve_processes(config, args.workers)
 
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-queue-delay-us", type=int)
     p.add_argument("--max-queue-size", type=int)
+    p.add_argument("--inline-compute-us", type=int,
+                   help="batches measured to cost at most this compute on the event loop (default 500; 0: never)")
     p.add_argument("--engine", choices=("auto", "onnx", "tensorrt"))
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port (SO_REUSEPORT)")
     p.set_defaults(func=_cmd_serve)

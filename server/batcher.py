@@ -6,8 +6,10 @@
 
 A batch closes when it holds ``max_batch_size`` requests or when its oldest request has
 waited ``max_queue_delay_us`` since it arrived (0: never wait; requests arriving during a
-compute form the next batch). It is computed by ``run_batch(items) -> results`` in the
-executor (off the event loop, once per batch). At most ``max_queue_size`` requests wait:
+compute form the next batch). It is computed by ``run_batch(items) -> results``, once per
+batch: in the executor, off the event loop, unless batches of its size have so far cost
+at most ``inline_compute_us`` -- then on the loop thread, because the two thread hand-offs
+would cost more than the compute (costs are kept per power-of-two batch size). At most ``max_queue_size`` requests wait:
 one more is refused at once with ``QueueFull``. A request whose deadline has passed is
 dropped before compute (``DeadlineExpired``); a cancelled caller's request is skipped. If
 a batch raises, its requests are retried one by one, so one bad request fails alone.
@@ -18,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import statistics
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -47,8 +51,12 @@ class DynamicBatcher:
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closed = False
+        # batch size bucket (bit length) -> seconds of recent batches; the median decides
+        self._cost: dict[int, collections.deque] = {}
         self.batches = 0  # counters for metrics and tests
         self.items = 0
+        self.inline_batches = 0
+        self._computing = False  # the batcher task has a batch in compute
 
     def start(self) -> None:
         if self._closed:
@@ -88,6 +96,15 @@ class DynamicBatcher:
                             f"(max_queue_size {self._config.max_queue_size}); retry with backoff")
         self.start()
         loop = asyncio.get_running_loop()
+        if not self._queue and not self._computing and not self._config.max_queue_delay_us and self._inline(1):
+            # Idle and cheap: compute in the caller's coroutine, a batch of one (no hop to
+            # the batcher task and back; nothing else runs on the loop meanwhile).
+            if deadline is not None and deadline <= loop.time():
+                raise DeadlineExpired(f"{self._name}: the deadline passed before the request was computed")
+            self.batches += 1
+            self.items += 1
+            self.inline_batches += 1
+            return self._timed([item])[0]
         pending = _Pending(item, loop.create_future(), deadline, loop.time())
         self._queue.append(pending)
         self._arrived.set()
@@ -132,16 +149,41 @@ class DynamicBatcher:
                     continue
                 live.append(p)
             if live:
+                self._computing = True
                 try:
                     await self._compute(loop, live)
                 finally:  # cancelled mid-compute: nobody may wait forever
+                    self._computing = False
                     for p in live:
                         if not p.future.done():
                             p.future.set_exception(NotReady(f"{self._name} stopped while computing; retry"))
 
+    def warm_up(self, batches: Sequence[list]) -> None:
+        """Run sample batches (blocking; before serving, off the loop) so that the cost of
+        their sizes is known from the first request on."""
+        for items in batches:
+            self._timed(items)
+
+    def _timed(self, items: list) -> Sequence:
+        """run_batch, its cost recorded for the batch's size bucket."""
+        started = time.perf_counter()
+        results = self._run_batch(items)
+        samples = self._cost.setdefault(len(items).bit_length(), collections.deque(maxlen=16))
+        samples.append(time.perf_counter() - started)
+        return results
+
+    def _inline(self, n: int) -> bool:
+        samples = self._cost.get(n.bit_length())
+        return bool(samples) and statistics.median(samples) * 1e6 <= self._config.inline_compute_us
+
     async def _compute(self, loop, live: list[_Pending]) -> None:
+        items = [p.item for p in live]
         try:
-            results = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in live])
+            if self._inline(len(items)):
+                self.inline_batches += 1
+                results = self._timed(items)
+            else:
+                results = await loop.run_in_executor(self._executor, self._timed, items)
             outcomes = list(zip(live, results, strict=True))
         except Exception as e:
             if len(live) == 1:

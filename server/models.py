@@ -19,6 +19,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recserve.features.history import HISTORY_SOURCE
 from recserve.server.batcher import DynamicBatcher
 from recserve.server.config import ServerConfig
 from recserve.server.errors import ModelNotFound, NotReady, VersionNotLoaded
@@ -50,6 +51,18 @@ class ModelState:
     serving: ServedVersion | None = None
     loading: bool = False
     failures: dict = field(default_factory=dict)  # version -> reason
+
+
+def warm_up_batches(model: RetrievalModel, rounds: int = 3) -> list[list[Query]]:
+    """The manifest's golden requests as queries: each alone, then all together, a few
+    times (touches the mmap'd pages and measures what batches of these sizes cost)."""
+    queries = []
+    for g in model.manifest.get("golden", []):
+        record = dict(g["request"])
+        user_id, history = str(record.pop("user_id", "") or "warm-up"), record.pop(HISTORY_SOURCE, None) or ()
+        queries.append(Query(user_id=user_id, k=int(g["k"]), context={k: str(v) for k, v in record.items()},
+                             recent_items=tuple(history)))
+    return [batch for _ in range(rounds) for batch in ([[q] for q in queries] + ([queries] if queries else []))]
 
 
 class ModelRegistry:
@@ -91,6 +104,7 @@ class ModelRegistry:
                     log.error("model %s version %d not loaded: %s", name, version, state.failures[version])
                     continue
                 served = self._serve(name, version, model)
+                await loop.run_in_executor(None, served.batcher.warm_up, warm_up_batches(model))
                 old, state.serving = state.serving, served
                 if old is not None:
                     await old.batcher.close()

@@ -37,6 +37,9 @@ def run(coro):
 
 
 def batcher(gate, **config):
+    """Batches always go to the executor (the gate holds them there) unless the test
+    sets inline_compute_us itself."""
+    config.setdefault("inline_compute_us", 0)
     return DynamicBatcher(gate, BatchingConfig(**config), ThreadPoolExecutor(1), name="m/1")
 
 
@@ -160,3 +163,53 @@ def test_close_fails_queued_requests_and_refuses_new_ones():
         return await computing  # the batch in flight finished
 
     assert run(main()) == "done a"
+
+
+class Costly:
+    """A run_batch whose batches of more than ``cheap_up_to`` items take 20 ms."""
+
+    def __init__(self, cheap_up_to: int):
+        self.cheap_up_to = cheap_up_to
+        self.threads: list[tuple[int, int]] = []  # (batch size, thread id)
+
+    def __call__(self, items):
+        self.threads.append((len(items), threading.get_ident()))
+        if len(items) > self.cheap_up_to:
+            threading.Event().wait(0.02)
+        return [f"done {item}" for item in items]
+
+
+def test_measured_cheap_batches_run_on_the_loop_thread_and_costly_ones_in_the_executor():
+    async def main():
+        loop_thread = threading.get_ident()
+        cheap = Costly(cheap_up_to=1)
+        b = DynamicBatcher(cheap, BatchingConfig(inline_compute_us=5000), ThreadPoolExecutor(1), name="m/1")
+        assert await b.submit("a") == "done a"  # nothing measured yet: the executor
+        assert cheap.threads[-1][1] != loop_thread and b.inline_batches == 0
+        assert await b.submit("b") == "done b"  # batches of one are now known to be cheap
+        assert cheap.threads[-1][1] == loop_thread and b.inline_batches == 1
+        await b.close()
+
+        costly = Costly(cheap_up_to=0)
+        b = DynamicBatcher(costly, BatchingConfig(inline_compute_us=5000), ThreadPoolExecutor(1), name="m/2")
+        b.warm_up([["w"]])  # 20 ms: over the 5 ms budget
+        assert await b.submit("c") == "done c"
+        assert costly.threads[-1][1] != loop_thread and b.inline_batches == 0
+        await b.close()
+
+    run(main())
+
+
+def test_warm_up_seeds_the_cost_and_the_inline_path_honours_deadlines():
+    async def main():
+        b = DynamicBatcher(Costly(cheap_up_to=64), BatchingConfig(inline_compute_us=5000), ThreadPoolExecutor(1),
+                           name="m/1")
+        b.warm_up([["w"]])
+        loop = asyncio.get_running_loop()
+        with pytest.raises(DeadlineExpired):
+            await b.submit("late", deadline=loop.time() - 0.001)
+        assert await b.submit("on time", deadline=loop.time() + 1) == "done on time"
+        assert b.inline_batches == 1
+        await b.close()
+
+    run(main())

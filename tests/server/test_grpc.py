@@ -61,6 +61,25 @@ def test_64_concurrent_callers_each_get_their_own_answer(server, repo):
     assert served.batcher.batches - batches_before < 64  # requests were batched
 
 
+def test_default_batching_computes_cheap_batches_inline_and_still_batches_under_load(repo):
+    """Default config (no batching delay): an idle server computes a lone cheap request in
+    the handler; under 64 callers requests are batched; answers equal offline either way."""
+    offline = RetrievalModel.load(repo / "tiny/1")
+    with ServerThread(server_config(repo)) as s, RecommendClient(s.target) as client:
+        batcher = s.server.registry.get("tiny").batcher
+        inline_before = batcher.inline_batches
+        rec = client.recommend("tiny", "u1", k=5, recent_items=["I003"])
+        assert batcher.inline_batches == inline_before + 1
+        assert rec.item_ids == offline.recommend([{"user_id": "u1", "history": ["I003"]}], k=5)[0][0]
+        users = [f"user-{i}" for i in range(64)]
+        batches_before = batcher.batches
+        with ThreadPoolExecutor(64) as pool:
+            recs = list(pool.map(lambda u: client.recommend("tiny", u, k=5), users))
+        expected = offline.recommend([{"user_id": u, "history": []} for u in users], k=5)
+        assert [r.item_ids for r in recs] == [ids for ids, _ in expected]
+        assert batcher.batches - batches_before < 64
+
+
 @pytest.mark.parametrize(
     "kwargs, code, message",
     [
@@ -120,7 +139,8 @@ class BlockingFeatures:
 
 def test_a_full_queue_answers_resource_exhausted_at_once(repo):
     # (Deadline drops, cancellation and batch forming are unit-tested in test_batcher.py.)
-    with ServerThread(server_config(repo, max_batch_size=1, max_queue_size=2)) as s, \
+    # inline_compute_us=0: the held batch must compute off the event loop
+    with ServerThread(server_config(repo, max_batch_size=1, max_queue_size=2, inline_compute_us=0)) as s, \
             RecommendClient(s.target) as client, ThreadPoolExecutor(3) as pool:
         gate = BlockingFeatures()
         s.server.registry.features = gate
