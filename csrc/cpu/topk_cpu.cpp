@@ -1,7 +1,7 @@
 // Fused inner-product top-k on the CPU.
 //
 // Items are streamed once per block of queries, tile by tile (a tile fits in L1/L2);
-// each thread owns a contiguous range of items and keeps a running top-k heap per
+// threads take chunks of items dynamically and keep a running top-k heap per
 // query. A SIMD micro-kernel scores a tile and reports only the rows that beat the
 // current k-th best score, so the [B, N] score matrix never exists and almost no
 // row reaches the heaps once they are warm. The per-thread heaps are merged at the
@@ -317,6 +317,10 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
   if (block >= lanes) block -= block % lanes;
   block = std::min(block, num_queries);  // small batches: allocate only what they use
 
+  // About 16 chunks per thread, whole tiles.
+  const int64_t chunk_items = std::max<int64_t>(kTile, (num_items / (16 * nt) + kTile - 1) / kTile * kTile);
+  const int64_t num_chunks = (num_items + chunk_items - 1) / chunk_items;
+
   std::vector<RunningTopK> heaps(size_t(nt * block));
   QueryBlock qb;
   const Bf16Bound bound(d);
@@ -336,9 +340,6 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
 #pragma omp parallel num_threads(nt)
     {
       const int t = thread_id();
-      const int64_t per = (num_items + nt - 1) / nt;
-      const int64_t lo = std::min<int64_t>(num_items, t * per);
-      const int64_t hi = std::min<int64_t>(num_items, lo + per);
       RunningTopK* my = heaps.data() + t * block;
       std::vector<float> scores(use_lanes ? 0 : size_t(kTile));
       std::vector<int32_t> hits(use_lanes ? 0 : size_t(kTile));
@@ -346,36 +347,43 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
       std::optional<LaneScorer> lanes_scorer;
       if (use_lanes) lanes_scorer.emplace(sk, qb, bound, d, half);
 
-      for (int64_t start = lo; start < hi; start += kTile) {
-        const int64_t n = std::min(kTile, hi - start);
-        if (use_lanes) {
-          for (int64_t l = 0; l < qb.w; ++l) thr[l] = l < nq ? my[l].threshold() : kPosInf;
-          const void* x = half ? static_cast<const void*>(items.ptr<uint16_t>() + start * ldx)
-                               : static_cast<const void*>(items.ptr<float>() + start * ldx);
-          const int64_t nh = lanes_scorer->score(x, ldx, n, thr.data());
-          const float* sc = lanes_scorer->scores();
-          const int32_t* hit = lanes_scorer->hits();
-          for (int64_t h = 0; h < nh; ++h) {
-            const int64_t i = hit[h];
+      // Chunks are handed out dynamically: a thread the OS preempts (a server shares its
+      // cores with the network stack) does not hold the batch up. OpenMP hands them out in
+      // increasing order, so each thread still sees item ids in increasing order.
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+        const int64_t hi = std::min(num_items, (chunk + 1) * chunk_items);
+        for (int64_t start = chunk * chunk_items; start < hi; start += kTile) {
+          const int64_t n = std::min(kTile, hi - start);
+          if (use_lanes) {
+            for (int64_t l = 0; l < qb.w; ++l) thr[l] = l < nq ? my[l].threshold() : kPosInf;
+            const void* x = half ? static_cast<const void*>(items.ptr<uint16_t>() + start * ldx)
+                                 : static_cast<const void*>(items.ptr<float>() + start * ldx);
+            const int64_t nh = lanes_scorer->score(x, ldx, n, thr.data());
+            const float* sc = lanes_scorer->scores();
+            const int32_t* hit = lanes_scorer->hits();
+            for (int64_t h = 0; h < nh; ++h) {
+              const int64_t i = hit[h];
+              for (int64_t l = 0; l < nq; ++l) {
+                RunningTopK& heap = my[l];
+                const float s = sc[size_t(i * qb.w + l)];
+                if (s > heap.threshold() && !excl.excluded(q0 + l, start + i)) heap.push(s, start + i);
+              }
+            }
+          } else {
             for (int64_t l = 0; l < nq; ++l) {
               RunningTopK& heap = my[l];
-              const float s = sc[size_t(i * qb.w + l)];
-              if (s > heap.threshold() && !excl.excluded(q0 + l, start + i)) heap.push(s, start + i);
-            }
-          }
-        } else {
-          for (int64_t l = 0; l < nq; ++l) {
-            RunningTopK& heap = my[l];
-            const float* q = q_all + (q0 + l) * d;
-            const int64_t nh =
-                half ? sk.score_tile_row_f16(q, heap.threshold(), items.ptr<uint16_t>() + start * ldx,
-                                             ldx, n, d, scores.data(), hits.data())
-                     : sk.score_tile_row(q, heap.threshold(), items.ptr<float>() + start * ldx, ldx,
-                                         n, d, scores.data(), hits.data());
-            for (int64_t h = 0; h < nh; ++h) {
-              const int64_t i = hits[h];
-              const float s = scores[size_t(i)];
-              if (s > heap.threshold() && !excl.excluded(q0 + l, start + i)) heap.push(s, start + i);
+              const float* q = q_all + (q0 + l) * d;
+              const int64_t nh =
+                  half ? sk.score_tile_row_f16(q, heap.threshold(), items.ptr<uint16_t>() + start * ldx,
+                                               ldx, n, d, scores.data(), hits.data())
+                       : sk.score_tile_row(q, heap.threshold(), items.ptr<float>() + start * ldx, ldx,
+                                           n, d, scores.data(), hits.data());
+              for (int64_t h = 0; h < nh; ++h) {
+                const int64_t i = hits[h];
+                const float s = scores[size_t(i)];
+                if (s > heap.threshold() && !excl.excluded(q0 + l, start + i)) heap.push(s, start + i);
+              }
             }
           }
         }
