@@ -4,6 +4,7 @@
 #   make demo        train on the bundled data, export, serve, query through the client, stop
 #   make bench       all benchmarks in bench/ (installs the bench extras: torch, faiss-cpu);
 #                    one at a time: make bench-kernels | bench-trainer | bench-synthetic | bench-serve
+#                    | bench-grpc-stacks
 #   make cuda-check  builds the CUDA kernels with NVIDIA's nvcc from PyPI (no GPU needed)
 #                    into a second venv and runs the kernel tests against that build
 #
@@ -20,7 +21,7 @@ CUDA_PIP := $(CUDA_PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 NATIVE_SOURCES := CMakeLists.txt pyproject.toml $(shell find csrc kernels/cuda proto -type f 2>/dev/null)
 
-.PHONY: test demo bench bench-deps bench-kernels bench-trainer bench-synthetic bench-serve cuda-check clean
+.PHONY: test demo bench bench-deps bench-kernels bench-trainer bench-synthetic bench-serve bench-grpc-stacks cuda-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +42,7 @@ demo: $(VENV)/.installed
 	rm -rf build/demo
 	$(PY) -m recserve.cli demo --work build/demo
 
-bench: bench-kernels bench-trainer bench-synthetic bench-serve
+bench: bench-kernels bench-trainer bench-synthetic bench-serve bench-grpc-stacks
 
 bench-deps: $(VENV)/.installed
 	$(PIP) install -q --no-build-isolation -e ".[bench,trainer]"
@@ -70,6 +71,16 @@ $(TRITON_VENV)/.installed: bench/triton-requirements.txt $(VENV)/.installed
 bench-serve: bench-deps $(TRITON_VENV)/.installed
 	$(PY) bench/serve.py --triton-python $(TRITON_VENV)/bin/python
 
+# The bare gRPC floor (aio and sync) under this venv's grpcio and under grpcio 1.66.
+GRPC166_VENV ?= .venv-grpc166
+$(GRPC166_VENV)/.installed:
+	test -x $(GRPC166_VENV)/bin/python || $(PYTHON) -m venv $(GRPC166_VENV)
+	$(GRPC166_VENV)/bin/python -m pip install -q "grpcio==1.66.2"
+	touch $@
+
+bench-grpc-stacks: bench-deps $(GRPC166_VENV)/.installed
+	$(PY) bench/grpc_stacks.py run --other-python $(GRPC166_VENV)/bin/python
+
 # A non-editable wheel built with RECSERVE_CUDA=ON in its own venv: proves every
 # CUDA source compiles, that `pip install .` works, and that the CUDA-enabled
 # module imports and passes the suite on a machine without a GPU or driver.
@@ -83,4 +94,4 @@ cuda-check:
 	RECSERVE_EXPECT_CUDA_BUILD=1 $(CUDA_PY) -m pytest tests/kernels $(PYTEST_ARGS)
 
 clean:
-	rm -rf build dist $(VENV) $(CUDA_VENV) $(TRITON_VENV) .pytest_cache
+	rm -rf build dist $(VENV) $(CUDA_VENV) $(TRITON_VENV) $(GRPC166_VENV) .pytest_cache
