@@ -38,10 +38,10 @@ class Recommendation:
 
 
 def _request(model: str, user_id: str, k: int, context: Mapping[str, str] | None, exclude: Sequence[str] | None,
-             recent_items: Sequence[str] | None, version: int | None):
+             recent_items: Sequence[str] | None, version: int | None, variant: str | None = None):
     return recommend_pb2.RecommendRequest(
         model=model, user_id=user_id, k=k, context=dict(context or {}), exclude_item_ids=list(exclude or ()),
-        recent_item_ids=list(recent_items or ()), version=version)
+        recent_item_ids=list(recent_items or ()), version=version, variant=variant)
 
 
 class RecommendClient:
@@ -50,8 +50,9 @@ class RecommendClient:
         self._stub = recommend_pb2_grpc.RecommendServiceStub(self._channel)
 
     def recommend(self, model: str, user_id: str, k: int = 10, *, context=None, exclude=None, recent_items=None,
-                  version: int | None = None, timeout: float | None = None) -> Recommendation:
-        request = _request(model, user_id, k, context, exclude, recent_items, version)
+                  version: int | None = None, variant: str | None = None,
+                  timeout: float | None = None) -> Recommendation:
+        request = _request(model, user_id, k, context, exclude, recent_items, version, variant)
         return Recommendation.from_proto(self._stub.Recommend(request, timeout=timeout))
 
     def batch_recommend(self, model: str, user_ids: Sequence[str], k: int = 10, *, recent_items=None,
@@ -80,9 +81,9 @@ class AsyncRecommendClient:
         self._stub = recommend_pb2_grpc.RecommendServiceStub(self._channel)
 
     async def recommend(self, model: str, user_id: str, k: int = 10, *, context=None, exclude=None,
-                        recent_items=None, version: int | None = None,
+                        recent_items=None, version: int | None = None, variant: str | None = None,
                         timeout: float | None = None) -> Recommendation:
-        request = _request(model, user_id, k, context, exclude, recent_items, version)
+        request = _request(model, user_id, k, context, exclude, recent_items, version, variant)
         return Recommendation.from_proto(await self._stub.Recommend(request, timeout=timeout))
 
     async def close(self) -> None:

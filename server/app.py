@@ -13,12 +13,14 @@ let in-flight ones finish (up to drain_timeout_s), stop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import sys
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,14 +28,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from recserve.server.admin import ModelServicer
 from recserve.server.config import ServerConfig
 from recserve.server.errors import InvalidRequest, NotReady, ServingError
+from recserve.server.metrics import Metrics
 from recserve.server.models import ModelRegistry
 from recserve.server.recommend import Query
-from recserve.v1 import recommend_pb2, recommend_pb2_grpc
+from recserve.v1 import model_service_pb2, model_service_pb2_grpc, recommend_pb2, recommend_pb2_grpc
 
 log = logging.getLogger(__name__)
 RECOMMEND_SERVICE = recommend_pb2.DESCRIPTOR.services_by_name["RecommendService"].full_name
+MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -84,29 +89,36 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
     """Thin: protobuf <-> domain types; the registry and batcher do the work."""
 
-    def __init__(self, registry: ModelRegistry, config: ServerConfig):
+    def __init__(self, registry: ModelRegistry, config: ServerConfig, metrics: Metrics):
         self.registry = registry
         self.config = config
+        self.metrics = metrics
         self.draining = False
+        self.batch_queries = 0  # queries of BatchRecommend calls beyond their first, in flight
 
-    def _prepare(self, request):
-        """Validate a request and find its served version (errors before any compute)."""
+    def _prepare(self, request) -> tuple[str, int | None, str | None, Query]:
+        """Validate a request (errors before any routing or compute)."""
         if not request.model:
             raise InvalidRequest("model is empty")
         if not request.user_id:
             raise InvalidRequest("user_id is empty")
         if not 1 <= request.k <= self.config.max_k:
             raise InvalidRequest(f"k must be in 1..{self.config.max_k}, got {request.k}")
-        served = self.registry.get(request.model, request.version if request.HasField("version") else None)
         query = Query(user_id=request.user_id, k=request.k, context=dict(request.context),
                       exclude=tuple(request.exclude_item_ids), recent_items=tuple(request.recent_item_ids))
-        return served, query
+        return (request.model, request.version if request.HasField("version") else None,
+                request.variant if request.HasField("variant") else None, query)
 
-    @staticmethod
-    async def _answer(served, query, deadline):
-        result = await served.submit(query, deadline)
+    async def _answer(self, name, version, variant, query, deadline):
+        started = time.perf_counter()
+        try:
+            result, served, variant_name = await self.registry.recommend(name, query, deadline, version, variant)
+        except ServingError as e:
+            self.metrics.request(name, version or 0, variant or "", e.code.name, time.perf_counter() - started)
+            raise
+        self.metrics.request(name, served.version, variant_name, "OK", time.perf_counter() - started)
         return recommend_pb2.RecommendResponse(item_ids=result.item_ids, scores=result.scores, model=served.name,
-                                               version=served.version, variant=served.variant)
+                                               version=served.version, variant=variant_name)
 
     def _check_open(self) -> None:
         if self.draining:
@@ -131,10 +143,18 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         for i, r in enumerate(request.requests):  # every request is valid before any is computed
             try:
                 prepared.append(self._prepare(r))
+                if r.HasField("version"):  # unknown models and versions fail the call before any compute
+                    self.registry.get(r.model, r.version)
+                else:
+                    self.registry.entry(r.model)
             except ServingError as e:
                 raise type(e)(f"requests[{i}]: {e.message}") from None
         deadline = self._deadline(context)
-        responses = await asyncio.gather(*(self._answer(s, q, deadline) for s, q in prepared), return_exceptions=True)
+        self.batch_queries += n - 1  # they count as requests in flight, so that they batch
+        try:
+            responses = await asyncio.gather(*(self._answer(*p, deadline) for p in prepared), return_exceptions=True)
+        finally:
+            self.batch_queries -= n - 1
         for i, r in enumerate(responses):
             if isinstance(r, ServingError):
                 raise type(r)(f"requests[{i}]: {r.message}")
@@ -147,19 +167,27 @@ class RecserveServer:
     def __init__(self, config: ServerConfig, share_port: bool = False):
         self.config = config
         self.executor = ThreadPoolExecutor(max_workers=config.compute_threads, thread_name_prefix="recserve-compute")
-        self.registry = ModelRegistry(config, self.executor)
+        self.metrics = (Metrics.serve_prometheus(config.host, config.metrics_port) if config.metrics_port is not None
+                        else Metrics.disabled())
         self.interceptor = ErrorInterceptor()
+        self.registry = ModelRegistry(config, self.executor, self.metrics, in_flight=self._in_flight)
         # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind and
         # silently take half the connections. Only worker processes share a port.
         self.grpc = grpc.aio.server(interceptors=[self.interceptor], options=[("grpc.so_reuseport", int(share_port))])
-        self.servicer = RecommendServicer(self.registry, config)
+        self.servicer = RecommendServicer(self.registry, config, self.metrics)
         self.health = health.aio.HealthServicer()
         recommend_pb2_grpc.add_RecommendServiceServicer_to_server(self.servicer, self.grpc)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            ModelServicer(self.registry, config.admin_token), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
-            (RECOMMEND_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            (RECOMMEND_SERVICE, MODEL_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.grpc)
         self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")  # RuntimeError if taken
+
+    def _in_flight(self) -> int:
+        """Requests being handled: unary calls, plus the extra queries of BatchRecommends."""
+        return self.interceptor.in_flight + self.servicer.batch_queries
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -171,7 +199,7 @@ class RecserveServer:
         await self._set_health(False)
         await self.grpc.start()
         log.info("listening on %s:%d", self.config.host, self.port)
-        await self.registry.load_all()
+        await self.registry.start()
         if self.registry.ready and not self.servicer.draining:
             await self._set_health(True)
 
@@ -189,6 +217,7 @@ class RecserveServer:
         await self.grpc.stop(grace=0.5)
         await self.registry.close()
         self.executor.shutdown(wait=True)
+        self.metrics.close()
 
     async def wait(self) -> None:
         await self.grpc.wait_for_termination()
@@ -212,7 +241,10 @@ def serve_processes(config: ServerConfig, workers: int) -> None:
     if config.port == 0:
         raise ValueError("--workers > 1 needs a fixed --port (the workers share it)")
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(config,), name=f"recserve-worker-{i}") for i in range(workers)]
+    # Each worker has its own metrics endpoint: metrics_port + its index (0: any free port).
+    procs = [ctx.Process(target=_worker, name=f"recserve-worker-{i}", args=(dataclasses.replace(
+        config, metrics_port=config.metrics_port + i if config.metrics_port else config.metrics_port),))
+        for i in range(workers)]
     stopping = False
 
     def stop_all(signum=None, frame=None) -> None:
@@ -251,7 +283,7 @@ async def serve(config: ServerConfig, share_port: bool = False) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    loaded = [name for name, state in server.registry.models.items() if state.serving is not None]
+    loaded = [name for name, entry in server.registry.models.items() if entry.serving is not None]
     missing = sorted(set(server.registry.models) - set(loaded))
     if missing:
         print(f"recserve: NOT serving {', '.join(missing)}: no loadable version (reasons in the log)",

@@ -2,6 +2,7 @@
 
     batcher = DynamicBatcher(run_batch, config.batching, executor)
     result = await batcher.submit(query, deadline=loop.time() + 0.05)
+    await batcher.drain()      # stop intake (Retired); queued and in-flight requests finish
     await batcher.close()      # stop intake; queued requests fail NotReady; in-flight finish
 
 A batch closes when it holds ``max_batch_size`` requests or when its oldest request has
@@ -27,7 +28,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from recserve.server.config import BatchingConfig
-from recserve.server.errors import DeadlineExpired, NotReady, QueueFull
+from recserve.server.errors import DeadlineExpired, NotReady, QueueFull, Retired
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,14 @@ class _Pending:
 
 class DynamicBatcher:
     def __init__(self, run_batch: Callable[[Sequence], Sequence], config: BatchingConfig, executor: Executor,
-                 name: str = ""):
+                 name: str = "", observe: Callable[[int, list[float], float], None] | None = None,
+                 in_flight: Callable[[], int] | None = None):
+        """``observe(batch size, each request's seconds in the queue, compute seconds)`` is
+        called after each batch (metrics). ``in_flight()`` counts the server's requests
+        being handled: a lone request may skip the queue (see submit)."""
         self._run_batch = run_batch
+        self._observe = observe
+        self._in_flight = in_flight
         self._config = config
         self._executor = executor
         self._name = name
@@ -60,7 +67,7 @@ class DynamicBatcher:
 
     def start(self) -> None:
         if self._closed:
-            raise NotReady(f"{self._name} is unloaded; retry")
+            raise Retired(f"{self._name} is unloaded; retry")
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher {self._name}")
             self._task.add_done_callback(self._log_crash)
@@ -68,6 +75,15 @@ class DynamicBatcher:
     def _log_crash(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.error("batcher %s stopped", self._name, exc_info=task.exception())
+
+    async def drain(self) -> None:
+        """Stop taking requests (``Retired``: the caller routes elsewhere) and return when
+        every queued request has been computed and answered."""
+        self._closed = True
+        self._arrived.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
 
     async def close(self) -> None:
         """Stop taking requests; fail the queued ones (UNAVAILABLE: retry elsewhere) and let
@@ -88,7 +104,7 @@ class DynamicBatcher:
 
     async def submit(self, item, deadline: float | None = None):
         if self._closed:
-            raise NotReady(f"{self._name} is unloaded; retry")
+            raise Retired(f"{self._name} is unloaded; retry")
         if len(self._queue) >= self._config.max_queue_size:
             self._drop_cancelled()
         if len(self._queue) >= self._config.max_queue_size:
@@ -96,15 +112,21 @@ class DynamicBatcher:
                             f"(max_queue_size {self._config.max_queue_size}); retry with backoff")
         self.start()
         loop = asyncio.get_running_loop()
-        if not self._queue and not self._computing and not self._config.max_queue_delay_us and self._inline(1):
-            # Idle and cheap: compute in the caller's coroutine, a batch of one (no hop to
-            # the batcher task and back; nothing else runs on the loop meanwhile).
+        if (self._in_flight is not None and self._in_flight() <= 1 and not self._queue and not self._computing
+                and not self._config.max_queue_delay_us and self._inline(1)):
+            # The only request in the server, and cheap: compute it in the caller's
+            # coroutine (no hop to the batcher task and back). With company, requests go
+            # through the queue so that they batch.
             if deadline is not None and deadline <= loop.time():
                 raise DeadlineExpired(f"{self._name}: the deadline passed before the request was computed")
             self.batches += 1
             self.items += 1
             self.inline_batches += 1
-            return self._timed([item])[0]
+            started = time.perf_counter()
+            result = self._timed([item])[0]
+            if self._observe is not None:
+                self._observe(1, [0.0], time.perf_counter() - started)
+            return result
         pending = _Pending(item, loop.create_future(), deadline, loop.time())
         self._queue.append(pending)
         self._arrived.set()
@@ -122,6 +144,10 @@ class DynamicBatcher:
             await self._arrived.wait()
         delay = self._config.max_queue_delay_us / 1e6
         loop = asyncio.get_running_loop()
+        if not delay and self._in_flight is not None and self._in_flight() > len(self._queue):
+            # Other requests are being handled and may be about to queue: let them (one
+            # loop pass) so that they join this batch instead of each forming its own.
+            await asyncio.sleep(0)
         while delay and self._queue and len(self._queue) < self._config.max_batch_size and not self._closed:
             remaining = self._queue[0].arrived + delay - loop.time()
             if remaining <= 0:
@@ -178,6 +204,7 @@ class DynamicBatcher:
 
     async def _compute(self, loop, live: list[_Pending]) -> None:
         items = [p.item for p in live]
+        started, queued_since = time.perf_counter(), loop.time()
         try:
             if self._inline(len(items)):
                 self.inline_batches += 1
@@ -198,6 +225,8 @@ class DynamicBatcher:
                         outcomes.append((p, single))
         self.batches += 1
         self.items += len(live)
+        if self._observe is not None:
+            self._observe(len(live), [queued_since - p.arrived for p in live], time.perf_counter() - started)
         for p, outcome in outcomes:
             if p.future.done():
                 continue

@@ -3,7 +3,8 @@
     cfg = ServerConfig.from_sources(config_file="serve.json", overrides={"port": 9000})
 
 serve.json example (every key optional except repository):
-    {"repository": "models", "port": 8500,
+    {"repository": "models", "port": 8500, "metrics_port": 9464, "poll_interval_s": 2,
+     "admin_token_file": "/etc/recserve/admin-token",
      "batching": {"max_batch_size": 64, "max_queue_delay_us": 0, "max_queue_size": 1024,
                   "inline_compute_us": 500}}
 """
@@ -50,6 +51,10 @@ class ServerConfig:
     engine_threads: int = 0  # ONNX Runtime intra-op threads (0: its default)
     compute_threads: int = 1  # batches computed at once (each already uses the cores)
     drain_timeout_s: float = 30.0
+    poll_interval_s: float = 2.0  # how often the repository is rescanned (0: only on LoadModel)
+    admin_token: str | None = None  # bearer token for recserve.v1.ModelService; None: admin disabled
+    admin_token_file: str | None = None  # or read it from this file (first line)
+    metrics_port: int | None = 9464  # Prometheus endpoint (0: any free port; None: no metrics)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
     def __post_init__(self):
@@ -67,6 +72,21 @@ class ServerConfig:
             raise ValueError("config: compute_threads must be an integer >= 1")
         if not isinstance(self.drain_timeout_s, (int, float)) or self.drain_timeout_s < 0:
             raise ValueError("config: drain_timeout_s must be >= 0")
+        if not isinstance(self.poll_interval_s, (int, float)) or self.poll_interval_s < 0:
+            raise ValueError("config: poll_interval_s must be >= 0")
+        if self.metrics_port is not None and (not isinstance(self.metrics_port, int)
+                                              or not 0 <= self.metrics_port < 65536):
+            raise ValueError(f"config: metrics_port must be 0..65535 or null, got {self.metrics_port!r}")
+        if self.admin_token is not None and self.admin_token_file is not None:
+            raise ValueError("config: give admin_token or admin_token_file, not both")
+        if self.admin_token_file is not None:
+            try:
+                token = Path(self.admin_token_file).read_text().splitlines()[0].strip()
+            except (OSError, IndexError):
+                raise ValueError(f"config: admin_token_file {self.admin_token_file}: cannot read a token") from None
+            object.__setattr__(self, "admin_token", token)
+        if self.admin_token is not None and (not isinstance(self.admin_token, str) or len(self.admin_token) < 16):
+            raise ValueError("config: admin_token must be a string of at least 16 characters")
 
     @classmethod
     def from_dict(cls, d: dict) -> ServerConfig:

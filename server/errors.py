@@ -31,6 +31,10 @@ class NotReady(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Retired(NotReady):
+    """The version stopped taking requests (unloaded or swapped out): route again."""
+
+
 class VersionNotLoaded(ServingError):
     """A version that exists but is not being served: retrying will not help."""
 
@@ -43,3 +47,11 @@ class QueueFull(ServingError):
 
 class DeadlineExpired(ServingError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(ServingError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServingError):
+    code = grpc.StatusCode.PERMISSION_DENIED

@@ -29,6 +29,26 @@ GOLDEN_ATOL = 1e-5
 RETRIEVAL_KEYS = ("feature_spec", "feature_fingerprint", "signature", "engines", "tables", "items")
 
 
+def check_signature(engine, signature: Mapping, path: Path) -> None:
+    """The engine's inputs and outputs are the ones the manifest's signature names."""
+    want_in = sorted(i["name"] for i in signature["inputs"])
+    want_out = sorted(o["name"] for o in signature["outputs"])
+    if sorted(engine.input_names) != want_in or not set(want_out) <= set(engine.output_names):
+        raise RepositoryError(f"{path}: engine inputs {sorted(engine.input_names)} / outputs "
+                              f"{sorted(engine.output_names)} do not match the manifest signature "
+                              f"(inputs {want_in}, outputs {want_out})")
+
+
+def load_array(path: Path, mmap: bool = False) -> np.ndarray:
+    """An .npy file (memory-mapped read-only with ``mmap``); a bad file is a RepositoryError naming it."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise RepositoryError(f"{path}: missing") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise RepositoryError(f"{path}: not a readable .npy array ({e})") from None
+
+
 @dataclass
 class RetrievalModel:
     version_dir: Path
@@ -64,7 +84,7 @@ class RetrievalModel:
         tables = {}
         for t in spec.tables:
             entry = manifest["tables"][t.name]
-            table = np.load(version_dir / entry["file"], mmap_mode="r")
+            table = load_array(version_dir / entry["file"], mmap=True)
             if table.shape != (t.num_buckets, t.dim):
                 raise RepositoryError(
                     f"{version_dir / entry['file']}: shape {table.shape}, spec says {(t.num_buckets, t.dim)}"
@@ -74,11 +94,12 @@ class RetrievalModel:
         if backend not in engines:
             raise RepositoryError(f"{version_dir}: no {backend!r} engine (has: {', '.join(engines)})")
         engine = load_engine(backend, version_dir / engines[backend]["file"], **(engine_options or {}))
+        check_signature(engine, manifest["signature"], version_dir / engines[backend]["file"])
         items = manifest["items"]
         if item_dtype not in items["embeddings"]:
             raise RepositoryError(f"{version_dir}: no {item_dtype} item matrix")
-        item_ids = np.load(version_dir / items["ids"])
-        item_matrix = np.load(version_dir / items["embeddings"][item_dtype], mmap_mode="r")
+        item_ids = load_array(version_dir / items["ids"])
+        item_matrix = load_array(version_dir / items["embeddings"][item_dtype], mmap=True)
         if len(item_ids) != len(item_matrix):
             raise RepositoryError(f"{version_dir}: {len(item_ids)} item ids but {len(item_matrix)} item rows")
         return cls(version_dir, manifest, spec, tables, engine, item_ids, item_matrix)

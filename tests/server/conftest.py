@@ -58,20 +58,27 @@ class ServerThread:
 
 
 def server_config(repo: Path, **batching) -> ServerConfig:
-    return ServerConfig(repository=str(repo), host="localhost", port=0, drain_timeout_s=5,
+    return ServerConfig(repository=str(repo), host="localhost", port=0, drain_timeout_s=5, metrics_port=0,
                         batching=BatchingConfig(**batching))
 
 
 @pytest.fixture(scope="session")
-def repo(tiny_data, tmp_path_factory) -> Path:
-    """A repository with one exported tiny model ("tiny", version 1)."""
-    from recserve.trainer.export import export_run
+def server_run(tiny_data, tmp_path_factory) -> Path:
+    """A trained tiny two-tower run (export it for more versions)."""
     from recserve.trainer.train import train
 
     run = tmp_path_factory.mktemp("server-run")
     train(tiny_config(tiny_data, epochs=2), run, progress=False, evaluate_each_epoch=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def repo(server_run, tmp_path_factory) -> Path:
+    """A repository with one exported tiny model ("tiny", version 1)."""
+    from recserve.trainer.export import export_run
+
     repo = tmp_path_factory.mktemp("server-repo")
-    export_run(run, repo, "tiny", log=lambda *_: None)
+    export_run(server_run, repo, "tiny", log=lambda *_: None)
     return repo
 
 

@@ -183,7 +183,8 @@ def test_measured_cheap_batches_run_on_the_loop_thread_and_costly_ones_in_the_ex
     async def main():
         loop_thread = threading.get_ident()
         cheap = Costly(cheap_up_to=1)
-        b = DynamicBatcher(cheap, BatchingConfig(inline_compute_us=5000), ThreadPoolExecutor(1), name="m/1")
+        b = DynamicBatcher(cheap, BatchingConfig(inline_compute_us=5000), ThreadPoolExecutor(1), name="m/1",
+                           in_flight=lambda: 1)
         assert await b.submit("a") == "done a"  # nothing measured yet: the executor
         assert cheap.threads[-1][1] != loop_thread and b.inline_batches == 0
         assert await b.submit("b") == "done b"  # batches of one are now known to be cheap
@@ -203,13 +204,29 @@ def test_measured_cheap_batches_run_on_the_loop_thread_and_costly_ones_in_the_ex
 def test_warm_up_seeds_the_cost_and_the_inline_path_honours_deadlines():
     async def main():
         b = DynamicBatcher(Costly(cheap_up_to=64), BatchingConfig(inline_compute_us=5000), ThreadPoolExecutor(1),
-                           name="m/1")
+                           name="m/1", in_flight=lambda: 1)
         b.warm_up([["w"]])
         loop = asyncio.get_running_loop()
         with pytest.raises(DeadlineExpired):
             await b.submit("late", deadline=loop.time() - 0.001)
         assert await b.submit("on time", deadline=loop.time() + 1) == "done on time"
         assert b.inline_batches == 1
+        await b.close()
+
+    run(main())
+
+
+def test_with_company_cheap_requests_still_batch_on_the_loop_thread():
+    async def main():
+        work = Costly(cheap_up_to=64)
+        busy = {"n": 8}
+        b = DynamicBatcher(work, BatchingConfig(inline_compute_us=5000), ThreadPoolExecutor(1), name="m/1",
+                           in_flight=lambda: busy["n"])
+        b.warm_up([["w"], ["w"] * 5])  # sizes 1 and 4..7 are cheap
+        results = await asyncio.gather(*(b.submit(x) for x in "abcde"))
+        assert results == [f"done {x}" for x in "abcde"]
+        assert [size for size, _ in work.threads[2:]] == [5]  # one batch, not five
+        assert work.threads[-1][1] == threading.get_ident()  # computed on the loop thread
         await b.close()
 
     run(main())
