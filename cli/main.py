@@ -6,7 +6,12 @@
     recserve export runs/retail --repository models --model retail [--backend onnx,tensorrt]
     recserve serve --repository models [--port 8500] [--config serve.json]
     recserve recommend 17850 --model retail [--target localhost:8500] [--k 10] [--recent 85123A,71053]
+    recserve models list|load|unload|split [MODEL] [--version N] [--split split.json] --token-file admin-token
     recserve demo [--data ../shared/data/online-retail] [--work build/demo]
+    recserve features ingest --store features.lmdb --view users --input interactions.csv.gz
+    recserve features ingest --store features.lmdb --view items --input items.csv.gz
+    recserve features snapshot --store features.lmdb --out replica.lmdb
+    recserve features info --store features.lmdb
     torchrun --nproc_per_node=2 -m recserve.cli.main train ...
 
 Each verb imports its implementation lazily (only train/evaluate/export load torch). Errors
@@ -93,8 +98,14 @@ def _cmd_serve(args) -> None:
         "repository": args.repository, "host": args.host, "port": args.port, "max_k": args.max_k,
         "item_dtype": args.item_dtype, "batching.max_batch_size": args.max_batch_size,
         "batching.max_queue_delay_us": args.max_queue_delay_us, "batching.max_queue_size": args.max_queue_size,
-        "batching.inline_compute_us": args.inline_compute_us,
+        "batching.inline_compute_us": args.inline_compute_us, "poll_interval_s": args.poll_interval_s,
+        "admin_token_file": args.admin_token_file,
+        "metrics_port": int(args.metrics_port) if args.metrics_port not in (None, "off") else None,
         "engine": args.engine})
+    if args.metrics_port == "off":
+        import dataclasses
+
+        config = dataclasses.replace(config, metrics_port=None)
     serve_processes(config, args.workers)
 
 
@@ -114,10 +125,100 @@ def _cmd_recommend(args) -> None:
         print(f"{rank:3d}  {item_id:<16} {score: .4f}")
 
 
+def _cmd_models(args) -> None:
+    import grpc
+
+    from recserve.clients import ModelClient
+
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().splitlines()[0].strip()
+        except (OSError, IndexError):
+            raise CliError(f"{args.token_file}: cannot read an admin token") from None
+    with ModelClient(args.target, token) as admin:
+        try:
+            if args.action == "list":
+                states = admin.list_models(args.model or "")
+            elif args.action == "load":
+                states = [admin.load(_need(args.model, "load"), args.version)]
+            elif args.action == "unload":
+                if args.version is None:
+                    raise CliError("unload needs --version")
+                states = [admin.unload(_need(args.model, "unload"), args.version)]
+            else:
+                import json
+
+                split = json.loads(Path(args.split).read_text()) if args.split else {}
+                states = [admin.set_traffic(_need(args.model, "split"), split.get("variants", []),
+                                            salt=split.get("salt", ""), shadow=split.get("shadow"))]
+        except grpc.RpcError as e:
+            raise CliError(f"{e.code().name}: {e.details()}") from None
+    for m in states:
+        pinned = f", pinned {m.pinned_version}" if m.pinned_version else ""
+        print(f"{m.name}: serving version {m.serving_version or '-'}{pinned}")
+        for v in m.versions:
+            print(f"  {v.version:>4}  {v.state:<11} {v.reason}")
+        if m.traffic["variants"]:
+            shares = ", ".join(f"{v['name']}={v.get('model', '') or 'v' + str(v.get('version', ''))}:{v['weight']:g}"
+                               for v in m.traffic["variants"])
+            print(f"  traffic (salt {m.traffic['salt']!r}): {shares}"
+                  + (f"; shadow {m.traffic['shadow']['name']}" if "shadow" in m.traffic else ""))
+        if m.policy_error:
+            print(f"  serving.json: {m.policy_error}")
+
+
+def _need(model: str | None, action: str) -> str:
+    if not model:
+        raise CliError(f"{action} needs a model name")
+    return model
+
+
 def _cmd_demo(args) -> None:
     from recserve.cli.demo import default_data, run_demo
 
     run_demo(Path(args.data) if args.data else default_data(), Path(args.work), args.epochs)
+
+
+def _cmd_features_ingest(args) -> None:
+    from recserve.features.ingest import ingest_interactions, ingest_items
+    from recserve.features.store import FeatureStore
+
+    with FeatureStore.open(args.store, create=True, max_history=args.max_history) as store:
+        common = {"chunk_rows": args.chunk_rows, "ttl_s": args.ttl_s, "restart": args.restart,
+                  "progress": not args.quiet}
+        if args.view == "users":
+            if args.string_columns:
+                raise CliError("--string-columns applies to --view items only")
+            report = ingest_interactions(store, args.input, **common)
+        else:
+            if args.max_history is not None:
+                raise CliError("--max-history applies to --view users only")
+            report = ingest_items(store, args.input, string_columns=_csv(args.string_columns or ""), **common)
+    print(report.summary())
+
+
+def _cmd_features_snapshot(args) -> None:
+    from recserve.features.store import FeatureStore
+
+    with FeatureStore.open(args.store) as store:
+        out = store.snapshot(args.out)
+    with FeatureStore.open(out) as copy:  # the copy opens and holds what the store held
+        counts = ", ".join(f"{name} {copy.count(name)}" for name in sorted(copy.schema.views))
+    print(f"snapshot {out}: {counts}")
+
+
+def _cmd_features_info(args) -> None:
+    import json
+
+    from recserve.features.store import FeatureStore
+
+    with FeatureStore.open(args.store) as store:
+        info = {"store": str(store.path), "fingerprint": store.fingerprint, "map_size": store.map_size(),
+                "views": {name: {**view.to_dict(), "entities": store.count(name),
+                                 "ingest": store.ingest_progress(name)}
+                          for name, view in sorted(store.schema.views.items())}}
+    print(json.dumps(info, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batches measured to cost at most this compute on the event loop (default 500; 0: never)")
     p.add_argument("--engine", choices=("auto", "onnx", "tensorrt"))
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port (SO_REUSEPORT)")
+    p.add_argument("--metrics-port", help="Prometheus endpoint port (default 9464; 0: any free port; off: none)")
+    p.add_argument("--poll-interval-s", type=float, help="rescan the repository this often (default 2; 0: never)")
+    p.add_argument("--admin-token-file", help="file holding the bearer token that enables recserve.v1.ModelService")
     p.set_defaults(func=_cmd_serve)
 
     p = verbs.add_parser("recommend", help="ask a running server for one user's top-k items")
@@ -181,12 +285,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=_cmd_recommend)
 
+    p = verbs.add_parser("models", help="list, load, unload model versions; set a traffic split (admin API)")
+    p.add_argument("action", choices=("list", "load", "unload", "split"))
+    p.add_argument("model", nargs="?")
+    p.add_argument("--version", type=int, help="load: pin this version (rollback); unload: the version")
+    p.add_argument("--split", help="split: a JSON file {salt, variants: [...], shadow} (absent: serving.json's)")
+    p.add_argument("--target", default="localhost:8500")
+    p.add_argument("--token-file", help="file holding the server's admin token")
+    p.set_defaults(func=_cmd_models)
+
     p = verbs.add_parser("demo", help="train on Online Retail, export, serve, query, stop")
     p.add_argument("--data", help="directory with interactions.csv.gz and items.csv.gz "
                                   "(default: ../shared/data/online-retail)")
     p.add_argument("--work", default="build/demo", help="where the run and the model repository go")
     p.add_argument("--epochs", type=int, default=3)
     p.set_defaults(func=_cmd_demo)
+
+    p = verbs.add_parser("features", help="the LMDB feature store: ingest, snapshot, info")
+    sub = p.add_subparsers(dest="features_verb", required=True, metavar="SUBVERB")
+    q = sub.add_parser("ingest", help="bulk-load a view (resumes an interrupted run of the same input)",
+                       description="users: derived from an interaction log (user_id,item_id,timestamp): each "
+                                   "user's last N distinct items, event count, last-seen time. items: one record "
+                                   "per row of an item table (item_id + columns). CSV, CSV.gz, Parquet or JSONL. "
+                                   "Writes in chunks, each one transaction with its progress: a killed ingest "
+                                   "leaves the store consistent and the same command resumes it.")
+    q.add_argument("--store", required=True, help="store directory (created if missing)")
+    q.add_argument("--view", required=True, choices=("users", "items"))
+    q.add_argument("--input", required=True, help="users: interaction log; items: item table")
+    q.add_argument("--max-history", type=int,
+                   help="users: recent items kept per user, fixed when the store is created (default 50)")
+    q.add_argument("--ttl-s", type=int, help="set the view's max age in seconds: older values read as missing "
+                                             "(0: never expire; default: keep the view's setting, 0 when new)")
+    q.add_argument("--chunk-rows", type=int, default=10_000,
+                   help="entities per write transaction (default 10000)")
+    q.add_argument("--string-columns", help="items: comma-separated columns to read as text (e.g. codes like 007)")
+    q.add_argument("--restart", action="store_true", help="ignore the progress of an earlier run; write everything")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=_cmd_features_ingest)
+
+    q = sub.add_parser("snapshot", help="write a compacted, consistent copy of a store (to ship to replicas)")
+    q.add_argument("--store", required=True)
+    q.add_argument("--out", required=True, help="the copy: a new store directory (must not exist)")
+    q.set_defaults(func=_cmd_features_snapshot)
+
+    q = sub.add_parser("info", help="print a store's schema, entity counts and ingest progress (JSON)")
+    q.add_argument("--store", required=True)
+    q.set_defaults(func=_cmd_features_info)
     return parser
 
 
