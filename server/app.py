@@ -178,7 +178,7 @@ class RecserveServer:
         self.health = health.aio.HealthServicer()
         recommend_pb2_grpc.add_RecommendServiceServicer_to_server(self.servicer, self.grpc)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelServicer(self.registry, config.admin_token), self.grpc)
+            ModelServicer(self.registry, config.admin_bearer_token), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (RECOMMEND_SERVICE, MODEL_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

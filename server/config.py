@@ -56,6 +56,7 @@ class ServerConfig:
     admin_token_file: str | None = None  # or read it from this file (first line)
     metrics_port: int | None = 9464  # Prometheus endpoint (0: any free port; None: no metrics)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    _admin_bearer: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not isinstance(self.repository, str) or not self.repository:
@@ -79,19 +80,25 @@ class ServerConfig:
             raise ValueError(f"config: metrics_port must be 0..65535 or null, got {self.metrics_port!r}")
         if self.admin_token is not None and self.admin_token_file is not None:
             raise ValueError("config: give admin_token or admin_token_file, not both")
+        token = self.admin_token
         if self.admin_token_file is not None:
             try:
                 token = Path(self.admin_token_file).read_text().splitlines()[0].strip()
             except (OSError, IndexError):
                 raise ValueError(f"config: admin_token_file {self.admin_token_file}: cannot read a token") from None
-            object.__setattr__(self, "admin_token", token)
-        if self.admin_token is not None and (not isinstance(self.admin_token, str) or len(self.admin_token) < 16):
-            raise ValueError("config: admin_token must be a string of at least 16 characters")
+        if token is not None and (not isinstance(token, str) or len(token) < 16):
+            raise ValueError("config: the admin token must be a string of at least 16 characters")
+        object.__setattr__(self, "_admin_bearer", token)
+
+    @property
+    def admin_bearer_token(self) -> str | None:
+        """The admin token (from admin_token or admin_token_file); None: admin API off."""
+        return self._admin_bearer
 
     @classmethod
     def from_dict(cls, d: dict) -> ServerConfig:
         d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"config: unknown key {unknown[0]!r}")

@@ -22,8 +22,10 @@ def start_server_process(cmd: list[str], marker: str = "on port", timeout: float
     reader.join(timeout)
     first = line[0] if line else ""
     if marker not in first:
+        exited = proc.poll() is not None
         proc.kill()
         proc.wait()
-        why = f"printed {first.strip()!r}" if first else f"printed nothing in {timeout:.0f} s"
+        why = (f"printed {first.strip()!r}" if first else "exited without printing" if exited
+               else f"printed nothing in {timeout:.0f} s")
         raise RuntimeError(f"{' '.join(cmd[:4])} ... did not start (it {why}; exit code {proc.returncode})")
     return proc, int(first.rsplit(" ", 1)[1])

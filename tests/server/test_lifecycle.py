@@ -312,3 +312,35 @@ def test_serving_json_errors_name_the_file_and_the_key(tmp_path):
             ServingPolicy.read(tmp_path)
         assert "serving.json" in str(e.value) or "traffic" in str(e.value)
     np.testing.assert_equal(ServingPolicy.read(tmp_path / "absent").versions.latest, 1)
+
+
+def test_models_cli_lists_loads_and_explains_errors(fresh_repo, tmp_path):
+    import subprocess
+    import sys
+
+    from recserve.server.process import start_server_process
+
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(TOKEN + "\n")
+    proc, port = start_server_process(
+        [sys.executable, "-m", "recserve.cli", "serve", "--repository", str(fresh_repo), "--host", "localhost",
+         "--port", "0", "--metrics-port", "off", "--admin-token-file", str(token_file)], marker="on port")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "recserve.cli", "models", *args, "--target",
+                               f"localhost:{port}"], capture_output=True, text=True, timeout=60)
+
+    try:
+        listed = cli("list", "--token-file", str(token_file))
+        assert listed.returncode == 0, listed.stderr
+        assert "tiny: serving version 1" in listed.stdout and "READY" in listed.stdout
+        pinned = cli("load", "tiny", "--version", "1", "--token-file", str(token_file))
+        assert pinned.returncode == 0 and "pinned 1" in pinned.stdout
+        denied = cli("list")
+        assert denied.returncode == 1
+        assert denied.stderr.strip().startswith("recserve models: error: UNAUTHENTICATED")
+        missing = cli("unload", "tiny", "--version", "7", "--token-file", str(token_file))
+        assert missing.returncode == 1 and "FAILED_PRECONDITION" in missing.stderr
+    finally:
+        proc.terminate()
+        proc.wait(30)
