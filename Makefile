@@ -4,7 +4,7 @@
 #   make demo        train on the bundled data, export, serve, query through the client, stop
 #   make bench       all benchmarks in bench/ (installs the bench extras: torch, faiss-cpu);
 #                    one at a time: make bench-kernels | bench-trainer | bench-synthetic | bench-serve
-#                    | bench-grpc-stacks
+#                    | bench-grpc-stacks | bench-features
 #   make cuda-check  builds the CUDA kernels with NVIDIA's nvcc from PyPI (no GPU needed)
 #                    into a second venv and runs the kernel tests against that build
 #
@@ -21,7 +21,7 @@ CUDA_PIP := $(CUDA_PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 NATIVE_SOURCES := CMakeLists.txt pyproject.toml $(shell find csrc kernels/cuda proto -type f 2>/dev/null)
 
-.PHONY: test demo bench bench-deps bench-kernels bench-trainer bench-synthetic bench-serve bench-grpc-stacks cuda-check clean
+.PHONY: test demo bench bench-deps bench-kernels bench-trainer bench-synthetic bench-serve bench-grpc-stacks bench-features cuda-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,7 @@ demo: $(VENV)/.installed
 	rm -rf build/demo
 	$(PY) -m recserve.cli demo --work build/demo
 
-bench: bench-kernels bench-trainer bench-synthetic bench-serve bench-grpc-stacks
+bench: bench-kernels bench-trainer bench-synthetic bench-serve bench-grpc-stacks bench-features
 
 bench-deps: $(VENV)/.installed
 	$(PIP) install -q --no-build-isolation -e ".[bench,trainer]"
@@ -80,6 +80,13 @@ $(GRPC166_VENV)/.installed:
 
 bench-grpc-stacks: bench-deps $(GRPC166_VENV)/.installed
 	$(PY) bench/grpc_stacks.py run --other-python $(GRPC166_VENV)/bin/python
+
+# The LMDB feature store vs a real Redis server (Debian's redis-server, installed if missing).
+bench-features: bench-deps
+	command -v redis-server >/dev/null 2>&1 || { \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }
+	$(PY) bench/features.py
 
 # A non-editable wheel built with RECSERVE_CUDA=ON in its own venv: proves every
 # CUDA source compiles, that `pip install .` works, and that the CUDA-enabled

@@ -21,9 +21,10 @@ Databases (named LMDB dbs in one environment, ``features.encoding`` has the valu
 Serving reads (``user_records``, ``user_batch``, ``item_records``): one LMDB read transaction
 per call, ``getmulti`` for all keys. Safe from any number of threads: each call takes its own
 read transaction (py-lmdb opens environments with MDB_NOTLS, so a transaction is not tied to
-a thread's slot), and LMDB's MVCC means a writer never blocks readers. The one exception is
-growing the memory map (``set_mapsize`` invalidates this process's open transactions):
-readers pass a shared gate that the resizing writer closes for the microseconds of the remap.
+a thread's slot), and LMDB's MVCC means a writer never blocks readers. The exceptions are
+growing the memory map (``set_mapsize`` invalidates this process's open transactions) and
+aborting a write transaction (py-lmdb 3.0's abort starves behind busy reader threads):
+readers pass a shared gate that the writer closes for those moments (``_abort``).
 A user without a value, or whose value is older than the view's ``ttl_s``, takes the
 cold-start path: an empty history, event_count 0, last_seen None; both are counted.
 
@@ -32,6 +33,14 @@ sync (the environment is never opened with sync=False), so an event is durable o
 ``push_events`` returns. MapFullError never reaches a caller: the transaction is aborted,
 the map doubled and the transaction re-run. A map grown by another process (an ingest
 while the server runs) is adopted the same way (MapResizedError).
+
+Server wiring: open once at start-up (``FeatureStore.open(path)``; a StoreError is the one
+line to exit with); ``check_compatible(spec)`` when a model version loads (SchemaMismatch:
+refuse the version with its message); ``features.serving.StoreFeatures(store)`` as the
+batch pipeline's FeatureSource; PushEvents: ``validate_events`` per RPC (EventError ->
+INVALID_ARGUMENT naming the event), then one ``push_events`` for the RPCs gathered, in an
+executor thread (it waits for fsync), answering them after it returns; ``counters()`` into
+metrics; ``close()`` after the drain.
 """
 
 from __future__ import annotations
