@@ -99,7 +99,7 @@ def _cmd_serve(args) -> None:
         "item_dtype": args.item_dtype, "batching.max_batch_size": args.max_batch_size,
         "batching.max_queue_delay_us": args.max_queue_delay_us, "batching.max_queue_size": args.max_queue_size,
         "batching.inline_compute_us": args.inline_compute_us, "poll_interval_s": args.poll_interval_s,
-        "admin_token_file": args.admin_token_file,
+        "admin_token_file": args.admin_token_file, "feature_store": args.feature_store,
         "metrics_port": int(args.metrics_port) if args.metrics_port not in (None, "off") else None,
         "engine": args.engine})
     if args.metrics_port == "off":
@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", help="Prometheus endpoint port (default 9464; 0: any free port; off: none)")
     p.add_argument("--poll-interval-s", type=float, help="rescan the repository this often (default 2; 0: never)")
     p.add_argument("--admin-token-file", help="file holding the bearer token that enables recserve.v1.ModelService")
+    p.add_argument("--feature-store", help="LMDB feature store (recserve features ingest): user histories are read "
+                                           "from it and FeatureService.PushEvents writes to it")
     p.set_defaults(func=_cmd_serve)
 
     p = verbs.add_parser("recommend", help="ask a running server for one user's top-k items")

@@ -30,15 +30,19 @@ from grpc_reflection.v1alpha import reflection
 
 from recserve.server.admin import ModelServicer
 from recserve.server.config import ServerConfig
+from recserve.features.store import FeatureStore
 from recserve.server.errors import InvalidRequest, NotReady, ServingError
+from recserve.server.events import EventWriter, FeatureServicer
 from recserve.server.metrics import Metrics
 from recserve.server.models import ModelRegistry
 from recserve.server.recommend import Query
-from recserve.v1 import model_service_pb2, model_service_pb2_grpc, recommend_pb2, recommend_pb2_grpc
+from recserve.v1 import (feature_service_pb2, feature_service_pb2_grpc, model_service_pb2, model_service_pb2_grpc,
+                         recommend_pb2, recommend_pb2_grpc)
 
 log = logging.getLogger(__name__)
 RECOMMEND_SERVICE = recommend_pb2.DESCRIPTOR.services_by_name["RecommendService"].full_name
 MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+FEATURE_SERVICE = feature_service_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -46,7 +50,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self):
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # one wrapper per method, not per call
-        self.in_flight = 0  # unary calls being handled (drain waits for zero)
+        self.in_flight = 0  # unary calls being handled
+        self.streams = 0  # client streams being handled (drain waits for both to be zero)
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -55,16 +60,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if method in self._wrapped:
             return self._wrapped[method]
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
+        if handler is None or (handler.unary_unary is None and handler.stream_unary is None):
+            return handler  # server streams (Health.Watch) run unguarded and never hold a drain
         self._wrapped[method] = self._wrap(handler, method)
         return self._wrapped[method]
 
     def _wrap(self, handler, method: str):
-        behavior = handler.unary_unary
+        behavior = handler.unary_unary or handler.stream_unary
+        counter = "in_flight" if handler.unary_unary else "streams"
 
         async def guarded(request, context):
-            self.in_flight += 1
+            setattr(self, counter, getattr(self, counter) + 1)
             self.idle.clear()
             try:
                 return await behavior(request, context)
@@ -77,13 +83,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("internal error in %s (request id %s)", method, request_id)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
             finally:
-                self.in_flight -= 1
-                if self.in_flight == 0:
+                setattr(self, counter, getattr(self, counter) - 1)
+                if self.in_flight == 0 and self.streams == 0:
                     self.idle.set()
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        return make(guarded, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
 
 
 class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
@@ -170,7 +176,10 @@ class RecserveServer:
         self.metrics = (Metrics.serve_prometheus(config.host, config.metrics_port) if config.metrics_port is not None
                         else Metrics.disabled())
         self.interceptor = ErrorInterceptor()
-        self.registry = ModelRegistry(config, self.executor, self.metrics, in_flight=self._in_flight)
+        self.store = FeatureStore.open(config.feature_store) if config.feature_store else None  # StoreError: one line
+        if self.store is not None:
+            self.metrics.watch_feature_store(self.store.counters)
+        self.registry = ModelRegistry(config, self.executor, self.metrics, store=self.store, in_flight=self._in_flight)
         # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind and
         # silently take half the connections. Only worker processes share a port.
         self.grpc = grpc.aio.server(interceptors=[self.interceptor], options=[("grpc.so_reuseport", int(share_port))])
@@ -179,9 +188,11 @@ class RecserveServer:
         recommend_pb2_grpc.add_RecommendServiceServicer_to_server(self.servicer, self.grpc)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelServicer(self.registry, config.admin_bearer_token), self.grpc)
+        self.features = FeatureServicer(None, lambda: self.servicer.draining)  # its writer starts with the loop
+        feature_service_pb2_grpc.add_FeatureServiceServicer_to_server(self.features, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
-            (RECOMMEND_SERVICE, MODEL_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            (RECOMMEND_SERVICE, MODEL_SERVICE, FEATURE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.grpc)
         self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")  # RuntimeError if taken
 
@@ -197,6 +208,8 @@ class RecserveServer:
     async def start(self) -> None:
         """Start answering (health NOT_SERVING), then load the models (SERVING when all are)."""
         await self._set_health(False)
+        if self.store is not None:
+            self.features.writer = EventWriter(self.store)
         await self.grpc.start()
         log.info("listening on %s:%d", self.config.host, self.port)
         await self.registry.start()
@@ -215,8 +228,12 @@ class RecserveServer:
             log.warning("drain: %d requests still running after %.0f s; stopping", self.interceptor.in_flight,
                         self.config.drain_timeout_s)
         await self.grpc.stop(grace=0.5)
+        if self.features.writer is not None:
+            await self.features.writer.close()
         await self.registry.close()
         self.executor.shutdown(wait=True)
+        if self.store is not None:
+            self.store.close()
         self.metrics.close()
 
     async def wait(self) -> None:

@@ -55,6 +55,7 @@ class ServerConfig:
     admin_token: str | None = None  # bearer token for recserve.v1.ModelService; None: admin disabled
     admin_token_file: str | None = None  # or read it from this file (first line)
     metrics_port: int | None = 9464  # Prometheus endpoint (0: any free port; None: no metrics)
+    feature_store: str | None = None  # LMDB feature store: user histories + live events (None: from requests)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     _admin_bearer: str | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -73,6 +74,8 @@ class ServerConfig:
             raise ValueError("config: compute_threads must be an integer >= 1")
         if not isinstance(self.drain_timeout_s, (int, float)) or self.drain_timeout_s < 0:
             raise ValueError("config: drain_timeout_s must be >= 0")
+        if self.feature_store is not None and (not isinstance(self.feature_store, str) or not self.feature_store):
+            raise ValueError("config: feature_store must be a path")
         if not isinstance(self.poll_interval_s, (int, float)) or self.poll_interval_s < 0:
             raise ValueError("config: poll_interval_s must be >= 0")
         if self.metrics_port is not None and (not isinstance(self.metrics_port, int)

@@ -41,6 +41,12 @@ class VersionNotLoaded(ServingError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class NoFeatureStore(ServingError):
+    """A feature-store call on a server started without one."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class QueueFull(ServingError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -18,7 +18,10 @@ instrument names are the same without the unit suffix) and labels:
                                                                             unloading/unloaded
   recserve_shadow_requests_total            model, variant, outcome         shadow copies (ok/error)
   recserve_shadow_overlap                   model, variant                  |shadow ∩ answer| / k
-  recserve_feature_misses_total             view                            entities not in the store
+  recserve_feature_reads_total              view, outcome                   store reads: hit, missing,
+                                                                            expired (cold start)
+  recserve_feature_events_total                                             live events written
+  recserve_feature_store_resizes_total                                      LMDB map growths
 """
 
 from __future__ import annotations
@@ -47,8 +50,7 @@ class Metrics:
         self._shadow = meter.create_counter("recserve_shadow_requests", description="shadow copies, by outcome")
         self._overlap = meter.create_histogram("recserve_shadow_overlap",
                                                description="share of the returned items the shadow also returned")
-        self._misses = meter.create_counter("recserve_feature_misses",
-                                            description="entities missing from (or expired in) the feature store")
+        self._meter = meter
 
     @classmethod
     def disabled(cls) -> Metrics:
@@ -99,9 +101,28 @@ class Metrics:
         if overlap is not None:
             self._overlap.record(overlap, {"model": model, "variant": variant})
 
-    def feature_misses(self, view: str, n: int) -> None:
-        if n:
-            self._misses.add(n, {"view": view})
+    def watch_feature_store(self, counters) -> None:
+        """Export the store's monotonic counters (``FeatureStore.counters``), read at scrape time."""
+        from opentelemetry.metrics import Observation
+
+        def reads(options):
+            c = counters()
+            out = []
+            for key, n in c.items():
+                view, _, what = key.rpartition("_")
+                if view and what in ("hits", "missing", "expired"):
+                    out.append(Observation(n, {"view": view, "outcome": "hit" if what == "hits" else what}))
+            return out
+
+        def single(name):
+            return lambda options: [Observation(counters().get(name, 0))]
+
+        self._meter.create_observable_counter("recserve_feature_reads", [reads],
+                                              description="feature store reads by outcome (missing/expired: cold start)")
+        self._meter.create_observable_counter("recserve_feature_events", [single("events_pushed")],
+                                              description="live events written to the feature store")
+        self._meter.create_observable_counter("recserve_feature_store_resizes", [single("map_resizes")],
+                                              description="feature store map growths")
 
     def close(self) -> None:
         if self._http is not None:

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recserve.features.history import HISTORY_SOURCE
+from recserve.features.serving import StoreFeatures
+from recserve.features.store import FeatureStore
 from recserve.server.batcher import DynamicBatcher
 from recserve.server.config import ServerConfig
 from recserve.server.engines import EngineUnavailable
@@ -127,15 +129,17 @@ def warm_up_batches(model: RetrievalModel, rounds: int = 3) -> list[list[Query]]
 
 class ModelRegistry:
     def __init__(self, config: ServerConfig, executor: Executor, metrics: Metrics | None = None,
-                 features: FeatureSource | None = None, in_flight: Callable[[], int] | None = None):
-        """``in_flight()``: requests the server is handling (lets a lone request skip the
-        batching queue)."""
+                 store: FeatureStore | None = None, in_flight: Callable[[], int] | None = None):
+        """``store``: the feature store the pipeline reads user features from (each version
+        is checked against it when it loads); without one, features come from the request.
+        ``in_flight()``: requests the server is handling (a lone request skips the queue)."""
         self.config = config
+        self.store = store
         self.in_flight = in_flight
         self.repository = Path(config.repository)
         self.executor = executor
         self.metrics = metrics or Metrics.disabled()
-        self.features = features or RequestFeatures()
+        self.features: FeatureSource = StoreFeatures(store) if store is not None else RequestFeatures()
         self.models: dict[str, ModelEntry] = {}
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="recserve-loader", initializer=_lower_priority)
         self._watcher: asyncio.Task | None = None
@@ -275,6 +279,8 @@ class ModelRegistry:
                     raise EngineUnavailable(f"its plan takes batches up to {max_batch}, "
                                             f"max_batch_size is {self.config.batching.max_batch_size}")
                 model.check_golden()
+                if self.store is not None:
+                    self.store.check_compatible(model.spec)  # SchemaMismatch names each difference
             except (EngineUnavailable, RepositoryError) as e:
                 if backend == backends[-1] or (self.config.engine != "auto"):
                     raise

@@ -57,6 +57,18 @@ class ServerThread:
         self._thread.join(30)
 
 
+def metric(server: ServerThread, name: str, **labels) -> float:
+    """Sum of a Prometheus sample from the server's /metrics over the series whose labels
+    include ``labels``."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://localhost:{server.server.metrics.port}/metrics").read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
 def server_config(repo: Path, **batching) -> ServerConfig:
     return ServerConfig(repository=str(repo), host="localhost", port=0, drain_timeout_s=5, metrics_port=0,
                         batching=BatchingConfig(**batching))

@@ -7,7 +7,6 @@ import json
 import shutil
 import threading
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from recserve.clients import ModelClient, RecommendClient
 from recserve.server.repository import file_entries, publish_version, read_manifest, write_json
 from recserve.server.serving_config import TrafficSplit, Variant
-from tests.server.conftest import ServerThread, server_config
+from tests.server.conftest import ServerThread, metric, server_config
 
 TOKEN = "test-admin-token-0123456789"
 
@@ -68,15 +67,6 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def metric(server, name: str, **labels) -> float:
-    """Sum of a Prometheus sample over the series whose labels include ``labels``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://localhost:{server.server.metrics.port}/metrics").read().decode()
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
 def version_state(admin: ModelClient, version: int):
