@@ -6,6 +6,7 @@
     recserve export runs/retail --repository models --model retail [--backend onnx,tensorrt]
     recserve serve --repository models [--port 8500] [--config serve.json]
     recserve recommend 17850 --model retail [--target localhost:8500] [--k 10] [--recent 85123A,71053]
+    recserve push 17850 85123A 71053 --type click [--target localhost:8500]
     recserve models list|load|unload|split [MODEL] [--version N] [--split split.json] --token-file admin-token
     recserve demo [--data ../shared/data/online-retail] [--work build/demo]
     recserve features ingest --store features.lmdb --view users --input interactions.csv.gz
@@ -123,6 +124,22 @@ def _cmd_recommend(args) -> None:
     print(f"model {rec.model} version {rec.version}" + (f" variant {rec.variant}" if rec.variant else ""))
     for rank, (item_id, score) in enumerate(rec, 1):
         print(f"{rank:3d}  {item_id:<16} {score: .4f}")
+
+
+def _cmd_push(args) -> None:
+    import time
+
+    import grpc
+
+    from recserve.clients import FeatureClient
+
+    now = time.time()
+    with FeatureClient(args.target) as features:
+        try:
+            n = features.push([(args.user, item, now, args.type) for item in args.items], timeout=args.timeout)
+        except grpc.RpcError as e:
+            raise CliError(f"{e.code().name}: {e.details()}") from None
+    print(f"{n} event(s) written for user {args.user}")
 
 
 def _cmd_models(args) -> None:
@@ -286,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", help="comma-separated item ids never to return")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=_cmd_recommend)
+
+    p = verbs.add_parser("push", help="send live events (a user's interactions) to a server's feature store")
+    p.add_argument("user")
+    p.add_argument("items", nargs="+", help="item ids, oldest first")
+    p.add_argument("--type", default="interaction", help="interaction, view, click, add_to_cart or purchase")
+    p.add_argument("--target", default="localhost:8500")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=_cmd_push)
 
     p = verbs.add_parser("models", help="list, load, unload model versions; set a traffic split (admin API)")
     p.add_argument("action", choices=("list", "load", "unload", "split"))

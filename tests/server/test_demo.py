@@ -11,10 +11,14 @@ def test_demo_trains_exports_serves_queries_and_stops(tiny_data, tmp_path):
                            str(tmp_path), "--epochs", "1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for step in ("==> training", "==> exporting", "published retail version 1", "==> starting `recserve serve`",
-                 "==> Recommend(user", "==> stopping the server", "server exited with status 0"):
+    for step in ("==> training", "==> exporting", "published retail version 1", "==> loading every customer's",
+                 "==> starting `recserve serve`", "==> Recommend(user", "==> PushEvents: user",
+                 "==> stopping the server", "server exited with status 0"):
         assert step in out, step
-    assert out.count("(model retail v1,") == 3  # three users answered by the live server
+    assert out.count("(model retail v1,") == 4  # three users, then one again after a live event
+    bought = out.split("==> PushEvents: user ")[1].split(" buys ")[1].split(" ")[0]
+    after = out.split("==> PushEvents: user ")[1].split("==> stopping")[0]
+    assert f" {bought} " not in after.split("\n", 1)[1]  # excluded once bought
     assert (tmp_path / "models/retail/1/manifest.json").is_file()
 
 
