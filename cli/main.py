@@ -35,6 +35,20 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    """--target and the TLS flags of the verbs that call a running server."""
+    p.add_argument("--target", default="localhost:8500")
+    p.add_argument("--tls-ca", help="PEM CA bundle to verify the server (turns TLS on)")
+    p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--tls-key", help="its private key (PEM)")
+
+
+def _channel_options(args):
+    from recserve.clients import ChannelOptions
+
+    return ChannelOptions(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+
+
 def _cmd_train(args) -> None:
     from recserve.trainer.config import TrainConfig
     from recserve.trainer.train import CONFIG, train
@@ -101,6 +115,7 @@ def _cmd_serve(args) -> None:
         "batching.max_queue_delay_us": args.max_queue_delay_us, "batching.max_queue_size": args.max_queue_size,
         "batching.inline_compute_us": args.inline_compute_us, "poll_interval_s": args.poll_interval_s,
         "admin_token_file": args.admin_token_file, "feature_store": args.feature_store,
+        "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca,
         "metrics_port": int(args.metrics_port) if args.metrics_port not in (None, "off") else None,
         "engine": args.engine})
     if args.metrics_port == "off":
@@ -115,7 +130,7 @@ def _cmd_recommend(args) -> None:
 
     from recserve.clients import RecommendClient
 
-    with RecommendClient(args.target) as client:
+    with RecommendClient(args.target, _channel_options(args)) as client:
         try:
             rec = client.recommend(args.model, args.user, k=args.k, recent_items=_csv(args.recent or ""),
                                    exclude=_csv(args.exclude or ""), timeout=args.timeout)
@@ -134,7 +149,7 @@ def _cmd_push(args) -> None:
     from recserve.clients import FeatureClient
 
     now = time.time()
-    with FeatureClient(args.target) as features:
+    with FeatureClient(args.target, _channel_options(args)) as features:
         try:
             n = features.push([(args.user, item, now, args.type) for item in args.items], timeout=args.timeout)
         except grpc.RpcError as e:
@@ -153,7 +168,7 @@ def _cmd_models(args) -> None:
             token = Path(args.token_file).read_text().splitlines()[0].strip()
         except (OSError, IndexError):
             raise CliError(f"{args.token_file}: cannot read an admin token") from None
-    with ModelClient(args.target, token) as admin:
+    with ModelClient(args.target, token, _channel_options(args)) as admin:
         try:
             if args.action == "list":
                 states = admin.list_models(args.model or "")
@@ -290,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", help="Prometheus endpoint port (default 9464; 0: any free port; off: none)")
     p.add_argument("--poll-interval-s", type=float, help="rescan the repository this often (default 2; 0: never)")
     p.add_argument("--admin-token-file", help="file holding the bearer token that enables recserve.v1.ModelService")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
     p.add_argument("--feature-store", help="LMDB feature store (recserve features ingest): user histories are read "
                                            "from it and FeatureService.PushEvents writes to it")
     p.set_defaults(func=_cmd_serve)
@@ -297,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("recommend", help="ask a running server for one user's top-k items")
     p.add_argument("user")
     p.add_argument("--model", required=True)
-    p.add_argument("--target", default="localhost:8500")
+    _add_client_args(p)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--recent", help="comma-separated recent item ids, newest first")
     p.add_argument("--exclude", help="comma-separated item ids never to return")
@@ -308,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user")
     p.add_argument("items", nargs="+", help="item ids, oldest first")
     p.add_argument("--type", default="interaction", help="interaction, view, click, add_to_cart or purchase")
-    p.add_argument("--target", default="localhost:8500")
+    _add_client_args(p)
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=_cmd_push)
 
@@ -317,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?")
     p.add_argument("--version", type=int, help="load: pin this version (rollback); unload: the version")
     p.add_argument("--split", help="split: a JSON file {salt, variants: [...], shadow} (absent: serving.json's)")
-    p.add_argument("--target", default="localhost:8500")
+    _add_client_args(p)
     p.add_argument("--token-file", help="file holding the server's admin token")
     p.set_defaults(func=_cmd_models)
 

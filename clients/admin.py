@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from recserve.clients.channel import ChannelOptions, make_channel
 from recserve.v1 import model_service_pb2 as pb
 from recserve.v1 import model_service_pb2_grpc
 
@@ -67,10 +68,15 @@ def _variant_pb(d: Mapping) -> pb.Variant:
                       weight=float(d.get("weight", 0.0)))
 
 
+def _split(variants: Sequence[Mapping], salt: str, shadow: Mapping | None) -> pb.TrafficSplit:
+    return pb.TrafficSplit(salt=salt, variants=[_variant_pb(v) for v in variants],
+                           shadow=_variant_pb(shadow) if shadow else None)
+
+
 class ModelClient:
-    def __init__(self, target: str, token: str | None = None, channel: grpc.Channel | None = None,
-                 timeout: float = 60.0):
-        self._channel = channel or grpc.insecure_channel(target)
+    def __init__(self, target: str, token: str | None = None, options: ChannelOptions | None = None,
+                 channel: grpc.Channel | None = None, timeout: float = 60.0):
+        self._channel = channel or make_channel(target, options)
         self._stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout
@@ -91,10 +97,8 @@ class ModelClient:
 
     def set_traffic(self, model: str, variants: Sequence[Mapping], salt: str = "",
                     shadow: Mapping | None = None) -> ModelState:
-        split = pb.TrafficSplit(salt=salt, variants=[_variant_pb(v) for v in variants],
-                                shadow=_variant_pb(shadow) if shadow else None)
-        return ModelState.from_proto(self._call(self._stub.SetTrafficSplit,
-                                                pb.SetTrafficSplitRequest(model=model, traffic=split)))
+        return ModelState.from_proto(self._call(self._stub.SetTrafficSplit, pb.SetTrafficSplitRequest(
+            model=model, traffic=_split(variants, salt, shadow))))
 
     def close(self) -> None:
         self._channel.close()
@@ -104,3 +108,43 @@ class ModelClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class AsyncModelClient:
+    """The same calls as ModelClient, awaitable."""
+
+    def __init__(self, target: str, token: str | None = None, options: ChannelOptions | None = None,
+                 channel: grpc.aio.Channel | None = None, timeout: float = 60.0):
+        self._channel = channel or make_channel(target, options, aio=True)
+        self._stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._timeout = timeout
+
+    async def _call(self, method, request):
+        return await method(request, metadata=self._metadata, timeout=self._timeout)
+
+    async def list_models(self, model: str = "") -> list[ModelState]:
+        reply = await self._call(self._stub.ListModels, pb.ListModelsRequest(model=model))
+        return [ModelState.from_proto(m) for m in reply.models]
+
+    async def load(self, model: str, version: int | None = None) -> ModelState:
+        return ModelState.from_proto(await self._call(self._stub.LoadModel,
+                                                      pb.LoadModelRequest(model=model, version=version)))
+
+    async def unload(self, model: str, version: int) -> ModelState:
+        return ModelState.from_proto(await self._call(self._stub.UnloadModel,
+                                                      pb.UnloadModelRequest(model=model, version=version)))
+
+    async def set_traffic(self, model: str, variants: Sequence[Mapping], salt: str = "",
+                          shadow: Mapping | None = None) -> ModelState:
+        return ModelState.from_proto(await self._call(self._stub.SetTrafficSplit, pb.SetTrafficSplitRequest(
+            model=model, traffic=_split(variants, salt, shadow))))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncModelClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -5,10 +5,13 @@
         for item_id, score in rec: ...
         recs = client.batch_recommend("retail", ["17850", "13047"], k=10)
 
-    async with AsyncRecommendClient("localhost:8500") as client:
+    async with AsyncRecommendClient("localhost:8500", ChannelOptions(tls_ca="ca.pem")) as client:
         rec = await client.recommend("retail", "17850", k=10)
+        recs = await client.batch_recommend("retail", ["17850", "13047"], k=10)
 
-Errors surface as ``grpc.RpcError`` with the server's status code and message.
+``ChannelOptions`` (clients/channel.py) sets TLS, retries (UNAVAILABLE only, with
+backoff), keepalive and message sizes. Errors surface as ``grpc.RpcError`` with the
+server's status code and message.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from recserve.clients.channel import ChannelOptions, make_channel
 from recserve.v1 import recommend_pb2, recommend_pb2_grpc
 
 
@@ -44,9 +48,17 @@ def _request(model: str, user_id: str, k: int, context: Mapping[str, str] | None
         recent_item_ids=list(recent_items or ()), version=version, variant=variant)
 
 
+def _batch_request(model: str, user_ids: Sequence[str], k: int, recent_items) -> recommend_pb2.BatchRecommendRequest:
+    histories = recent_items if recent_items is not None else [None] * len(user_ids)
+    if len(histories) != len(user_ids):
+        raise ValueError(f"recent_items has {len(histories)} lists for {len(user_ids)} users")
+    return recommend_pb2.BatchRecommendRequest(
+        requests=[_request(model, u, k, None, None, h, None) for u, h in zip(user_ids, histories)])
+
+
 class RecommendClient:
-    def __init__(self, target: str, channel: grpc.Channel | None = None):
-        self._channel = channel or grpc.insecure_channel(target)
+    def __init__(self, target: str, options: ChannelOptions | None = None, channel: grpc.Channel | None = None):
+        self._channel = channel or make_channel(target, options)
         self._stub = recommend_pb2_grpc.RecommendServiceStub(self._channel)
 
     def recommend(self, model: str, user_id: str, k: int = 10, *, context=None, exclude=None, recent_items=None,
@@ -58,11 +70,7 @@ class RecommendClient:
     def batch_recommend(self, model: str, user_ids: Sequence[str], k: int = 10, *, recent_items=None,
                         timeout: float | None = None) -> list[Recommendation]:
         """``recent_items``: one list per user (or None)."""
-        histories = recent_items if recent_items is not None else [None] * len(user_ids)
-        if len(histories) != len(user_ids):
-            raise ValueError(f"recent_items has {len(histories)} lists for {len(user_ids)} users")
-        request = recommend_pb2.BatchRecommendRequest(
-            requests=[_request(model, u, k, None, None, h, None) for u, h in zip(user_ids, histories)])
+        request = _batch_request(model, user_ids, k, recent_items)
         return [Recommendation.from_proto(r) for r in self._stub.BatchRecommend(request, timeout=timeout).responses]
 
     def close(self) -> None:
@@ -76,8 +84,8 @@ class RecommendClient:
 
 
 class AsyncRecommendClient:
-    def __init__(self, target: str, channel: grpc.aio.Channel | None = None):
-        self._channel = channel or grpc.aio.insecure_channel(target)
+    def __init__(self, target: str, options: ChannelOptions | None = None, channel: grpc.aio.Channel | None = None):
+        self._channel = channel or make_channel(target, options, aio=True)
         self._stub = recommend_pb2_grpc.RecommendServiceStub(self._channel)
 
     async def recommend(self, model: str, user_id: str, k: int = 10, *, context=None, exclude=None,
@@ -85,6 +93,12 @@ class AsyncRecommendClient:
                         timeout: float | None = None) -> Recommendation:
         request = _request(model, user_id, k, context, exclude, recent_items, version, variant)
         return Recommendation.from_proto(await self._stub.Recommend(request, timeout=timeout))
+
+    async def batch_recommend(self, model: str, user_ids: Sequence[str], k: int = 10, *, recent_items=None,
+                              timeout: float | None = None) -> list[Recommendation]:
+        request = _batch_request(model, user_ids, k, recent_items)
+        reply = await self._stub.BatchRecommend(request, timeout=timeout)
+        return [Recommendation.from_proto(r) for r in reply.responses]
 
     async def close(self) -> None:
         await self._channel.close()

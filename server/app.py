@@ -23,6 +23,7 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -182,7 +183,10 @@ class RecserveServer:
         self.registry = ModelRegistry(config, self.executor, self.metrics, store=self.store, in_flight=self._in_flight)
         # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind and
         # silently take half the connections. Only worker processes share a port.
-        self.grpc = grpc.aio.server(interceptors=[self.interceptor], options=[("grpc.so_reuseport", int(share_port))])
+        self.grpc = grpc.aio.server(interceptors=[self.interceptor], options=[
+            ("grpc.so_reuseport", int(share_port)),
+            ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+            ("grpc.max_send_message_length", config.max_send_message_bytes)])
         self.servicer = RecommendServicer(self.registry, config, self.metrics)
         self.health = health.aio.HealthServicer()
         recommend_pb2_grpc.add_RecommendServiceServicer_to_server(self.servicer, self.grpc)
@@ -194,7 +198,11 @@ class RecserveServer:
         reflection.enable_server_reflection(
             (RECOMMEND_SERVICE, MODEL_SERVICE, FEATURE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")  # RuntimeError if taken
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert:
+            self.port = self.grpc.add_secure_port(address, _server_credentials(config))  # RuntimeError if taken
+        else:
+            self.port = self.grpc.add_insecure_port(address)
 
     def _in_flight(self) -> int:
         """Requests being handled: unary calls, plus the extra queries of BatchRecommends."""
@@ -238,6 +246,14 @@ class RecserveServer:
 
     async def wait(self) -> None:
         await self.grpc.wait_for_termination()
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    """TLS from the configured PEM files; with tls_client_ca, clients must present a
+    certificate signed by it (mutual TLS)."""
+    key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+    ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
 async def create_server(config: ServerConfig) -> RecserveServer:

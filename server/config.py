@@ -56,6 +56,11 @@ class ServerConfig:
     admin_token_file: str | None = None  # or read it from this file (first line)
     metrics_port: int | None = 9464  # Prometheus endpoint (0: any free port; None: no metrics)
     feature_store: str | None = None  # LMDB feature store: user histories + live events (None: from requests)
+    tls_cert: str | None = None  # PEM certificate chain: serve TLS on the gRPC port
+    tls_key: str | None = None  # its PEM private key
+    tls_client_ca: str | None = None  # PEM CA bundle: mutual TLS, clients must present a certificate it signed
+    max_receive_message_bytes: int = 4 << 20  # largest request accepted (gRPC's default)
+    max_send_message_bytes: int = 16 << 20  # largest reply sent
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     _admin_bearer: str | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -76,6 +81,17 @@ class ServerConfig:
             raise ValueError("config: drain_timeout_s must be >= 0")
         if self.feature_store is not None and (not isinstance(self.feature_store, str) or not self.feature_store):
             raise ValueError("config: feature_store must be a path")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("config: TLS needs both tls_cert and tls_key")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("config: tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"config: {name} {path}: no such file")
+        for name in ("max_receive_message_bytes", "max_send_message_bytes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1024:
+                raise ValueError(f"config: {name} must be an integer >= 1024")
         if not isinstance(self.poll_interval_s, (int, float)) or self.poll_interval_s < 0:
             raise ValueError("config: poll_interval_s must be >= 0")
         if self.metrics_port is not None and (not isinstance(self.metrics_port, int)
