@@ -7,6 +7,9 @@
 #                    | bench-grpc-stacks | bench-features
 #   make cuda-check  builds the CUDA kernels with NVIDIA's nvcc from PyPI (no GPU needed)
 #                    into a second venv and runs the kernel tests against that build
+#   make go-client   Go stubs (generated, not committed) + build/go-bin/recommend; go-client-test
+#   make loadtest    ghz against a live server (p50/p95/p99, RPS); ecosystem-smoke: the CI run
+#                    of ghz, grpcurl, grpc-health-probe and the Go client (docs/clients.md)
 #
 # RECSERVE_CUDA=AUTO|ON|OFF picks the CUDA build for `make test` (default AUTO:
 # CUDA kernels only when nvcc is found).
@@ -101,4 +104,56 @@ cuda-check:
 	RECSERVE_EXPECT_CUDA_BUILD=1 $(CUDA_PY) -m pytest tests/kernels $(PYTEST_ARGS)
 
 clean:
-	rm -rf build dist $(VENV) $(CUDA_VENV) $(TRITON_VENV) $(GRPC166_VENV) .pytest_cache
+	rm -rf build dist $(VENV) $(CUDA_VENV) $(TRITON_VENV) $(GRPC166_VENV) .pytest_cache clients/go/gen
+
+# ---- Go client, ghz load tests, ecosystem smoke ----------------------------------------
+# Go tools are installed at pinned versions into build/go-bin (GOBIN); a stamp per
+# tool@version reinstalls one whose pin changes. The Go stubs are generated at build
+# time into clients/go/gen (gitignored), like the Python ones.
+GO ?= go
+GO_BIN := build/go-bin
+GO_TOOL_protoc-gen-go := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
+GO_TOOL_protoc-gen-go-grpc := google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
+GO_TOOL_ghz := github.com/bojand/ghz/cmd/ghz@v0.120.0
+GO_TOOL_grpcurl := github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4
+GO_TOOL_grpc-health-probe := github.com/grpc-ecosystem/grpc-health-probe@v0.4.63
+go_tool = $(GO_BIN)/.tools/$(notdir $(GO_TOOL_$(1)))
+GO_CLIENT := clients/go
+GO_PROTOS := $(sort $(wildcard proto/recserve/v1/*.proto))
+GO_STUBS_PKG := github.com/recserve/recserve/clients/go/gen/recserve/v1;recservev1
+GO_STUB_OPTS := $(foreach p,$(GO_PROTOS:proto/%=%),'--go_opt=M$(p)=$(GO_STUBS_PKG)' '--go-grpc_opt=M$(p)=$(GO_STUBS_PKG)')
+
+.PHONY: go-client go-client-test loadtest ecosystem-smoke
+
+$(GO_BIN)/.tools/%:
+	GOBIN=$(CURDIR)/$(GO_BIN) GOTOOLCHAIN=local $(GO) install $(GO_TOOL_$(firstword $(subst @, ,$*)))
+	@mkdir -p $(@D) && touch $@
+
+# The proto files carry no go_package: protoc's M options map each file to the package.
+$(GO_CLIENT)/gen/.stamp: $(GO_PROTOS) $(VENV)/.installed $(call go_tool,protoc-gen-go) $(call go_tool,protoc-gen-go-grpc)
+	rm -rf $(GO_CLIENT)/gen && mkdir -p $(GO_CLIENT)/gen
+	$(PY) -m grpc_tools.protoc -I proto \
+	    --plugin=protoc-gen-go=$(GO_BIN)/protoc-gen-go --plugin=protoc-gen-go-grpc=$(GO_BIN)/protoc-gen-go-grpc \
+	    --go_out=$(GO_CLIENT)/gen --go_opt=paths=source_relative \
+	    --go-grpc_out=$(GO_CLIENT)/gen --go-grpc_opt=paths=source_relative \
+	    $(GO_STUB_OPTS) $(GO_PROTOS:proto/%=%)
+	touch $@
+
+go-client: $(GO_CLIENT)/gen/.stamp
+	cd $(GO_CLIENT) && GOTOOLCHAIN=local $(GO) build -o $(CURDIR)/$(GO_BIN)/recommend ./cmd/recommend
+
+# Unit tests of the example command against an in-process Go server (the live-server
+# run is part of ecosystem-smoke).
+go-client-test: $(GO_CLIENT)/gen/.stamp
+	cd $(GO_CLIENT) && GOTOOLCHAIN=local $(GO) vet ./... && GOTOOLCHAIN=local $(GO) test ./...
+
+# ghz against `recserve serve` on a synthetic 10k-item model (built once into build/loadtest):
+# Recommend and BatchRecommend, p50/p95/p99 and RPS. LOADTEST_ARGS: e.g. --concurrency 64.
+LOADTEST_ARGS ?=
+loadtest: $(VENV)/.installed $(call go_tool,ghz)
+	$(PY) clients/ghz/loadtest.py $(LOADTEST_ARGS)
+
+# CI: one server; a bounded ghz run (2,000 Recommend + 200 BatchRecommend, any error fails),
+# grpcurl list/describe, grpc-health-probe, the Go example command.
+ecosystem-smoke: $(VENV)/.installed go-client go-client-test $(call go_tool,ghz) $(call go_tool,grpcurl) $(call go_tool,grpc-health-probe)
+	$(PY) clients/ghz/loadtest.py --smoke
