@@ -103,12 +103,9 @@ def _cmd_serve(args) -> None:
     # the cores the gRPC event loop needs (c=64 throughput +18 % on 2 cores, bench/serve.py).
     # libgomp reads this when the kernels load, so it is set before they are imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import logging
-
     from recserve.server.app import serve_processes
     from recserve.server.config import ServerConfig
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig.from_sources(args.config, {
         "repository": args.repository, "host": args.host, "port": args.port, "max_k": args.max_k,
         "item_dtype": args.item_dtype, "batching.max_batch_size": args.max_batch_size,
@@ -116,6 +113,8 @@ def _cmd_serve(args) -> None:
         "batching.inline_compute_us": args.inline_compute_us, "poll_interval_s": args.poll_interval_s,
         "admin_token_file": args.admin_token_file, "feature_store": args.feature_store,
         "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca,
+        "trace_exporter": args.trace_exporter, "trace_endpoint": args.trace_endpoint,
+        "trace_sample_ratio": args.trace_sample_ratio, "log_format": args.log_format,
         "metrics_port": int(args.metrics_port) if args.metrics_port not in (None, "off") else None,
         "engine": args.engine})
     if args.metrics_port == "off":
@@ -305,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", help="Prometheus endpoint port (default 9464; 0: any free port; off: none)")
     p.add_argument("--poll-interval-s", type=float, help="rescan the repository this often (default 2; 0: never)")
     p.add_argument("--admin-token-file", help="file holding the bearer token that enables recserve.v1.ModelService")
+    p.add_argument("--trace-exporter", choices=("otlp", "console"), help="turn OpenTelemetry tracing on")
+    p.add_argument("--trace-endpoint", help="OTLP/gRPC collector (default localhost:4317)")
+    p.add_argument("--trace-sample-ratio", type=float, help="share of requests traced (default 0.01)")
+    p.add_argument("--log-format", choices=("text", "json"))
     p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates signed by it (mutual TLS)")

@@ -35,7 +35,9 @@ from recserve.features.store import FeatureStore
 from recserve.server.errors import InvalidRequest, NotReady, ServingError
 from recserve.server.events import EventWriter, FeatureServicer
 from recserve.server.metrics import Metrics
+from recserve.server.logs import configure_logging
 from recserve.server.models import ModelRegistry
+from recserve.server.tracing import Tracing
 from recserve.server.recommend import Query
 from recserve.v1 import (feature_service_pb2, feature_service_pb2_grpc, model_service_pb2, model_service_pb2_grpc,
                          recommend_pb2, recommend_pb2_grpc)
@@ -46,8 +48,17 @@ MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].fu
 FEATURE_SERVICE = feature_service_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
 
 
+def _request_id(context) -> str:
+    """The caller's x-request-id metadata, or a new id (made only when a call fails)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return uuid.uuid4().hex[:16]
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """ServingError -> its status and message; anything else -> INTERNAL with a request id."""
+    """ServingError -> its status and message; anything else -> INTERNAL. Either way the
+    message, the x-request-id trailing metadata and the log line carry the request id."""
 
     def __init__(self):
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # one wrapper per method, not per call
@@ -76,12 +87,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             try:
                 return await behavior(request, context)
             except ServingError as e:
-                await context.abort(e.code, e.message)
+                request_id = _request_id(context)
+                log.info("%s %s: %s", method, e.code.name, e.message,
+                         extra={"request_id": request_id, "method": method, "code": e.code.name})
+                context.set_trailing_metadata((("x-request-id", request_id),))
+                await context.abort(e.code, f"{e.message} (request id {request_id})")
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception:
-                request_id = uuid.uuid4().hex[:12]
-                log.exception("internal error in %s (request id %s)", method, request_id)
+                request_id = _request_id(context)
+                log.exception("internal error in %s (request id %s)", method, request_id,
+                              extra={"request_id": request_id, "method": method, "code": "INTERNAL"})
+                context.set_trailing_metadata((("x-request-id", request_id),))
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
             finally:
                 setattr(self, counter, getattr(self, counter) - 1)
@@ -96,10 +113,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
     """Thin: protobuf <-> domain types; the registry and batcher do the work."""
 
-    def __init__(self, registry: ModelRegistry, config: ServerConfig, metrics: Metrics):
+    def __init__(self, registry: ModelRegistry, config: ServerConfig, metrics: Metrics, tracing: Tracing):
         self.registry = registry
         self.config = config
         self.metrics = metrics
+        self.tracing = tracing
         self.draining = False
         self.batch_queries = 0  # queries of BatchRecommend calls beyond their first, in flight
 
@@ -116,14 +134,20 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         return (request.model, request.version if request.HasField("version") else None,
                 request.variant if request.HasField("variant") else None, query)
 
-    async def _answer(self, name, version, variant, query, deadline):
+    async def _answer(self, name, version, variant, query, deadline, metadata=None):
         started = time.perf_counter()
+        span = self.tracing.start("recserve.Recommend", metadata, {"recserve.model": name, "recserve.k": query.k})
         try:
             result, served, variant_name = await self.registry.recommend(name, query, deadline, version, variant)
         except ServingError as e:
             self.metrics.request(name, version or 0, variant or "", e.code.name, time.perf_counter() - started)
+            self.tracing.finish(span, (), e.code.name)
             raise
         self.metrics.request(name, served.version, variant_name, "OK", time.perf_counter() - started)
+        if span is not None:
+            self.tracing.finish(span, result.stages, "OK", {"recserve.version": served.version,
+                                                            "recserve.variant": variant_name,
+                                                            "recserve.items": len(result.item_ids)})
         return recommend_pb2.RecommendResponse(item_ids=result.item_ids, scores=result.scores, model=served.name,
                                                version=served.version, variant=variant_name)
 
@@ -138,7 +162,8 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
 
     async def Recommend(self, request, context):
         self._check_open()
-        return await self._answer(*self._prepare(request), self._deadline(context))
+        metadata = context.invocation_metadata() if self.tracing.enabled else None
+        return await self._answer(*self._prepare(request), self._deadline(context), metadata)
 
     async def BatchRecommend(self, request, context):
         self._check_open()
@@ -159,7 +184,9 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         deadline = self._deadline(context)
         self.batch_queries += n - 1  # they count as requests in flight, so that they batch
         try:
-            responses = await asyncio.gather(*(self._answer(*p, deadline) for p in prepared), return_exceptions=True)
+            metadata = context.invocation_metadata() if self.tracing.enabled else None
+            responses = await asyncio.gather(*(self._answer(*p, deadline, metadata) for p in prepared),
+                                             return_exceptions=True)
         finally:
             self.batch_queries -= n - 1
         for i, r in enumerate(responses):
@@ -171,7 +198,9 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
 
 
 class RecserveServer:
-    def __init__(self, config: ServerConfig, share_port: bool = False):
+    def __init__(self, config: ServerConfig, share_port: bool = False, span_exporter=None):
+        """``span_exporter``: an OpenTelemetry SpanExporter that receives every sampled span
+        instead of the configured exporter (tests, embedding the server)."""
         self.config = config
         self.executor = ThreadPoolExecutor(max_workers=config.compute_threads, thread_name_prefix="recserve-compute")
         self.metrics = (Metrics.serve_prometheus(config.host, config.metrics_port) if config.metrics_port is not None
@@ -187,7 +216,8 @@ class RecserveServer:
             ("grpc.so_reuseport", int(share_port)),
             ("grpc.max_receive_message_length", config.max_receive_message_bytes),
             ("grpc.max_send_message_length", config.max_send_message_bytes)])
-        self.servicer = RecommendServicer(self.registry, config, self.metrics)
+        self.tracing = Tracing.from_config(config, span_exporter)
+        self.servicer = RecommendServicer(self.registry, config, self.metrics, self.tracing)
         self.health = health.aio.HealthServicer()
         recommend_pb2_grpc.add_RecommendServiceServicer_to_server(self.servicer, self.grpc)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
@@ -243,6 +273,7 @@ class RecserveServer:
         if self.store is not None:
             self.store.close()
         self.metrics.close()
+        self.tracing.close()
 
     async def wait(self) -> None:
         await self.grpc.wait_for_termination()
@@ -271,6 +302,7 @@ def serve_processes(config: ServerConfig, workers: int) -> None:
     if workers <= 1:
         asyncio.run(serve(config))
         return
+    configure_logging(config.log_format)
     if config.port == 0:
         raise ValueError("--workers > 1 needs a fixed --port (the workers share it)")
     ctx = multiprocessing.get_context("spawn")
@@ -310,6 +342,7 @@ def _worker(config: ServerConfig) -> None:
 
 async def serve(config: ServerConfig, share_port: bool = False) -> None:
     """Run until SIGTERM/SIGINT, then drain."""
+    configure_logging(config.log_format)
     server = RecserveServer(config, share_port=share_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -59,6 +59,11 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM certificate chain: serve TLS on the gRPC port
     tls_key: str | None = None  # its PEM private key
     tls_client_ca: str | None = None  # PEM CA bundle: mutual TLS, clients must present a certificate it signed
+    trace_exporter: str | None = None  # None: tracing off; "otlp" (OTLP/gRPC) or "console"
+    trace_endpoint: str = "localhost:4317"  # OTLP collector
+    trace_insecure: bool = True  # plaintext to the collector
+    trace_sample_ratio: float = 0.01  # share of traces kept (a sampled incoming traceparent is always kept)
+    log_format: str = "text"  # "text" or "json" (one JSON object per line)
     max_receive_message_bytes: int = 4 << 20  # largest request accepted (gRPC's default)
     max_send_message_bytes: int = 16 << 20  # largest reply sent
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -81,6 +86,12 @@ class ServerConfig:
             raise ValueError("config: drain_timeout_s must be >= 0")
         if self.feature_store is not None and (not isinstance(self.feature_store, str) or not self.feature_store):
             raise ValueError("config: feature_store must be a path")
+        if self.trace_exporter not in (None, "otlp", "console"):
+            raise ValueError(f"config: trace_exporter must be otlp, console or null, got {self.trace_exporter!r}")
+        if not isinstance(self.trace_sample_ratio, (int, float)) or not 0 <= self.trace_sample_ratio <= 1:
+            raise ValueError("config: trace_sample_ratio must be in [0, 1]")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"config: log_format must be text or json, got {self.log_format!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("config: TLS needs both tls_cert and tls_key")
         if self.tls_client_ca and not self.tls_cert:

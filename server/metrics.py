@@ -14,6 +14,8 @@ instrument names are the same without the unit suffix) and labels:
   recserve_batch_size                       model, version                  requests per batch
   recserve_queue_duration_seconds           model, version                  arrival -> compute start
   recserve_compute_duration_seconds         model, version                  one batch's pipeline
+  recserve_stage_duration_seconds           model, version, stage           features, hash, lookup,
+                                                                            engine, topk (per batch)
   recserve_model_events_total               model, version, event           loading/ready/rejected/
                                                                             unloading/unloaded
   recserve_shadow_requests_total            model, variant, outcome         shadow copies (ok/error)
@@ -31,6 +33,8 @@ import logging
 log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+_STAGE_BUCKETS = (0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
+                  0.2, 0.5)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
 
@@ -46,6 +50,8 @@ class Metrics:
                                              description="from a request's arrival to its batch's compute start")
         self._compute = meter.create_histogram("recserve_compute_duration", unit="s",
                                                description="one batch through the pipeline")
+        self._stage = meter.create_histogram("recserve_stage_duration", unit="s",
+                                             description="one pipeline stage of a batch")
         self._events = meter.create_counter("recserve_model_events", description="model version lifecycle events")
         self._shadow = meter.create_counter("recserve_shadow_requests", description="shadow copies, by outcome")
         self._overlap = meter.create_histogram("recserve_shadow_overlap",
@@ -71,7 +77,8 @@ class Metrics:
         reader = PrometheusMetricReader(registry=registry, disable_target_info=True)
         views = [View(instrument_name=n, aggregation=ExplicitBucketHistogramAggregation(b)) for n, b in (
             ("recserve_request_duration", _LATENCY_BUCKETS), ("recserve_queue_duration", _LATENCY_BUCKETS),
-            ("recserve_compute_duration", _LATENCY_BUCKETS), ("recserve_batch_size", _SIZE_BUCKETS),
+            ("recserve_compute_duration", _LATENCY_BUCKETS), ("recserve_stage_duration", _STAGE_BUCKETS),
+            ("recserve_batch_size", _SIZE_BUCKETS),
             ("recserve_shadow_overlap", _RATIO_BUCKETS))]
         provider = MeterProvider(metric_readers=[reader], views=views,
                                  resource=Resource.create({"service.name": "recserve"}))
@@ -92,6 +99,11 @@ class Metrics:
         for q in queue_seconds:
             self._queue.record(q, attrs)
         self._compute.record(compute_seconds, attrs)
+
+    def stages(self, model: str, version: int, stages) -> None:
+        """(stage, start ns, end ns) of one batch."""
+        for stage, start, end in stages:
+            self._stage.record((end - start) / 1e9, {"model": model, "version": str(version), "stage": stage})
 
     def swap_event(self, model: str, version: int, event: str) -> None:
         self._events.add(1, {"model": model, "version": str(version), "event": event})

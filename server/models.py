@@ -300,7 +300,10 @@ class ModelRegistry:
 
     def _serve(self, name: str, version: int, model: RetrievalModel) -> ServedVersion:
         def run(queries):
-            return recommend_batch(model, self.features, queries)
+            results = recommend_batch(model, self.features, queries)
+            if results:
+                self.metrics.stages(name, version, results[0].stages)
+            return results
 
         def observe(size: int, queued: list[float], compute: float) -> None:
             self.metrics.batch(name, version, size, queued, compute)

@@ -5,12 +5,14 @@
 
 Pipeline: features (``FeatureSource.user_records``) -> ``RetrievalModel``: hash ->
 embedding_bag on memory-mapped tables -> engine -> topk_inner_product with each query's
-exclusions. Queries of one batch may ask for different k: the batch runs at the largest
+exclusions. Each stage's start and end are recorded once per batch (``Result.stages``)
+for the per-stage metrics and trace spans. Queries of one batch may ask for different k: the batch runs at the largest
 k and each result is cut to its own.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -34,6 +36,8 @@ class Query:
 class Result:
     item_ids: list[str]
     scores: list[float]
+    # The batch's pipeline stages: (name, start ns, end ns), shared by its results (tracing).
+    stages: list = field(default_factory=list, compare=False, repr=False)
 
 
 class FeatureSource(Protocol):
@@ -50,11 +54,13 @@ class RequestFeatures:
 
 
 def recommend_batch(model: RetrievalModel, source: FeatureSource, queries: Sequence[Query]) -> list[Result]:
+    t0 = time.time_ns()
     records = source.user_records(queries)
+    stages = [("features", t0, time.time_ns())]
     k = max(q.k for q in queries)
     exclude = [q.exclude for q in queries] if any(q.exclude for q in queries) else None
     try:
-        ranked = model.recommend(records, k, exclude=exclude)
+        ranked = model.recommend(records, k, exclude=exclude, stages=stages)
     except FeatureValueError as e:  # e.g. a number-valued context field sent "abc"
         raise InvalidRequest(str(e)) from None
-    return [Result(ids[: q.k], scores[: q.k]) for q, (ids, scores) in zip(queries, ranked)]
+    return [Result(ids[: q.k], scores[: q.k], stages) for q, (ids, scores) in zip(queries, ranked)]

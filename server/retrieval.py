@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,20 +109,28 @@ class RetrievalModel:
     def signature(self) -> dict:
         return self.manifest["signature"]
 
-    def user_vectors(self, records: Sequence[Mapping]) -> np.ndarray:
-        """Raw user records (keyed by each user field's source) -> float32 [B, d]."""
-        pooled = self.spec.pool("user", self.spec.encode("user", records), self.tables)
-        output = self.signature["outputs"][0]["name"]
-        return self.engine.run(pooled)[output]
+    def user_vectors(self, records: Sequence[Mapping], stages: list | None = None) -> np.ndarray:
+        """Raw user records (keyed by each user field's source) -> float32 [B, d]. With
+        ``stages``, appends (stage, start ns, end ns) for hash, lookup and engine."""
+        t0 = time.time_ns()
+        bags = self.spec.encode("user", records)
+        t1 = time.time_ns()
+        pooled = self.spec.pool("user", bags, self.tables)
+        t2 = time.time_ns()
+        vectors = self.engine.run(pooled)[self.signature["outputs"][0]["name"]]
+        if stages is not None:
+            stages += [("hash", t0, t1), ("lookup", t1, t2), ("engine", t2, time.time_ns())]
+        return vectors
 
     def item_rows(self, ids: Sequence[str]) -> np.ndarray:
         """Rows of known item ids (unknown ids are skipped: they can never be returned)."""
         pos, known = find_sorted(self.item_ids, np.asarray(list(ids), dtype=str))  # own width: no truncation
         return pos[known]
 
-    def recommend(self, records: Sequence[Mapping], k: int,
-                  exclude: Sequence[Sequence[str]] | None = None) -> list[tuple[list[str], list[float]]]:
-        vectors = self.user_vectors(records)
+    def recommend(self, records: Sequence[Mapping], k: int, exclude: Sequence[Sequence[str]] | None = None,
+                  stages: list | None = None) -> list[tuple[list[str], list[float]]]:
+        vectors = self.user_vectors(records, stages)
+        t0 = time.time_ns()
         indptr = ids = None
         if exclude is not None:
             rows = [self.item_rows(e) for e in exclude]
@@ -135,6 +144,8 @@ class RetrievalModel:
         for s, r in zip(scores, rows):
             keep = r >= 0
             out.append((self.item_ids[r[keep]].tolist(), s[keep].tolist()))
+        if stages is not None:
+            stages.append(("topk", t0, time.time_ns()))
         return out
 
     @property

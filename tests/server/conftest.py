@@ -16,8 +16,10 @@ from tests.trainer.conftest import tiny_config, tiny_data  # noqa: F401 (tiny_da
 class ServerThread:
     """Runs RecserveServer on a private event loop; tests talk to it through real clients."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, **server_options):
+        """``server_options``: extra RecserveServer arguments (e.g. span_exporter)."""
         self.config = config
+        self._options = server_options
         self.loop = asyncio.new_event_loop()
         self.server: RecserveServer | None = None
         self._started = threading.Event()
@@ -27,7 +29,7 @@ class ServerThread:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         try:
-            self.server = RecserveServer(self.config)
+            self.server = RecserveServer(self.config, **self._options)
             self.loop.run_until_complete(self.server.start())
         except BaseException as e:  # surface start-up failures in the test thread
             self._error = e
