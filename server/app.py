@@ -27,7 +27,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from recserve.server.admin import ModelServicer
 from recserve.server.config import ServerConfig
@@ -36,6 +35,7 @@ from recserve.server.errors import InvalidRequest, NotReady, ServingError
 from recserve.server.events import EventWriter, FeatureServicer
 from recserve.server.metrics import Metrics
 from recserve.server.logs import configure_logging
+from recserve.server.reflection import enable_reflection
 from recserve.server.models import ModelRegistry
 from recserve.server.tracing import Tracing
 from recserve.server.recommend import Query
@@ -225,9 +225,8 @@ class RecserveServer:
         self.features = FeatureServicer(None, lambda: self.servicer.draining)  # its writer starts with the loop
         feature_service_pb2_grpc.add_FeatureServiceServicer_to_server(self.features, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (RECOMMEND_SERVICE, MODEL_SERVICE, FEATURE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), self.grpc)
+        enable_reflection(self.grpc, (RECOMMEND_SERVICE, MODEL_SERVICE, FEATURE_SERVICE,
+                                      health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
         address = f"{config.host}:{config.port}"
         if config.tls_cert:
             self.port = self.grpc.add_secure_port(address, _server_credentials(config))  # RuntimeError if taken

@@ -116,8 +116,16 @@ def test_health_and_reflection(server):
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
     responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     services = {s.name for r in responses for s in r.list_services_response.service}
-    assert {"recserve.v1.RecommendService", "grpc.health.v1.Health",
-            "grpc.reflection.v1alpha.ServerReflection"} <= services
+    assert {"recserve.v1.RecommendService", "recserve.v1.ModelService", "recserve.v1.FeatureService",
+            "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
+    # ghz resolves the method it calls (grpc/grpc#34743: the pool alone does not)
+    for symbol, found in (("recserve.v1.RecommendService.Recommend", True), ("recserve.v1.RecommendService", True),
+                          ("recserve.v1.RecommendService.Nope", False), ("no.such.Thing", False)):
+        (reply,) = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol=symbol)]))
+        assert reply.HasField("file_descriptor_response") == found, symbol
+        if found:
+            assert any(b"recommend.proto" in f for f in reply.file_descriptor_response.file_descriptor_proto)
     channel.close()
 
 
