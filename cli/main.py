@@ -4,6 +4,7 @@
     recserve train runs/retail --resume
     recserve evaluate runs/retail [--baselines popularity,mf] [--test heldout.csv]
     recserve export runs/retail --repository models --model retail [--backend onnx,tensorrt]
+    recserve publish model.onnx --repository models --model resnet [--sample inputs.npz | --no-golden]
     recserve serve --repository models [--port 8500] [--config serve.json]
     recserve recommend 17850 --model retail [--target localhost:8500] [--k 10] [--recent 85123A,71053]
     recserve push 17850 85123A 71053 --type click [--target localhost:8500]
@@ -95,6 +96,17 @@ def _cmd_export(args) -> None:
 
     version = export_run(Path(args.run), Path(args.repository), args.model, backends=_csv(args.backend),
                          log=(lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
+    print(version)
+
+
+def _cmd_publish(args) -> None:
+    from recserve.server.generic import publish_onnx
+
+    if args.sample and args.no_golden:
+        raise CliError("--sample and --no-golden exclude each other")
+    version = publish_onnx(Path(args.onnx), Path(args.repository), args.model,
+                           sample=Path(args.sample) if args.sample else None, golden=not args.no_golden,
+                           log=(lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
     print(version)
 
 
@@ -286,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="onnx", help="comma-separated: onnx (always), tensorrt")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_export)
+
+    p = verbs.add_parser("publish", help="publish an ONNX model (any kind: CV, NLP...) as a new generic model "
+                                         "version, served over KServe v2 / Triton's protocol")
+    p.add_argument("onnx", help="the .onnx file (external data not supported: save it as one file)")
+    p.add_argument("--repository", required=True)
+    p.add_argument("--model", required=True, help="model name (letters, digits, '_', '-', '.')")
+    p.add_argument("--sample", help=".npz with one array per input: the golden request (default: a generated "
+                                    "input, dynamic dimensions 1)")
+    p.add_argument("--no-golden", action="store_true", help="publish without a golden request")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_publish)
 
     p = verbs.add_parser("serve", help="serve a model repository over gRPC")
     p.add_argument("--repository", help="model repository directory")

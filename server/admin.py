@@ -68,7 +68,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         self.registry = registry
         self._token = admin_token.encode() if admin_token else None
 
-    def _authorize(self, context) -> None:
+    def authorize(self, context) -> None:
+        """The call carries the admin bearer token (also used by server/kserve.py's
+        RepositoryModelLoad/Unload): PERMISSION_DENIED without one configured."""
         if self._token is None:
             raise PermissionDenied("the admin API is disabled on this server (set admin_token in its config)")
         header = dict(context.invocation_metadata()).get("authorization", "")
@@ -85,24 +87,24 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         return request.model
 
     async def ListModels(self, request, context):
-        self._authorize(context)
+        self.authorize(context)
         entries = [self.registry.entry(request.model)] if request.model else self.registry.status()
         return pb.ListModelsResponse(models=[status_pb(e) for e in entries])
 
     async def LoadModel(self, request, context):
-        self._authorize(context)
+        self.authorize(context)
         name = self._need_model(request)
         await self.registry.load(name, request.version if request.HasField("version") else None)
         return status_pb(self.registry.entry(name))
 
     async def UnloadModel(self, request, context):
-        self._authorize(context)
+        self.authorize(context)
         name = self._need_model(request)
         await self.registry.unload(name, request.version)
         return status_pb(self.registry.entry(name))
 
     async def SetTrafficSplit(self, request, context):
-        self._authorize(context)
+        self.authorize(context)
         name = self._need_model(request)
         await self.registry.set_traffic(name, split_from_pb(request.traffic))
         return status_pb(self.registry.entry(name))

@@ -33,6 +33,7 @@ from recserve.server.config import ServerConfig
 from recserve.features.store import FeatureStore
 from recserve.server.errors import InvalidRequest, NotReady, ServingError
 from recserve.server.events import EventWriter, FeatureServicer
+from recserve.server.kserve import KSERVE_SERVICE, KServeServicer
 from recserve.server.metrics import Metrics
 from recserve.server.logs import configure_logging
 from recserve.server.reflection import enable_reflection
@@ -224,8 +225,9 @@ class RecserveServer:
             ModelServicer(self.registry, config.admin_bearer_token), self.grpc)
         self.features = FeatureServicer(None, lambda: self.servicer.draining)  # its writer starts with the loop
         feature_service_pb2_grpc.add_FeatureServiceServicer_to_server(self.features, self.grpc)
+        KServeServicer(self).add_to_server(self.grpc)  # inference.GRPCInferenceService (KServe v2)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        enable_reflection(self.grpc, (RECOMMEND_SERVICE, MODEL_SERVICE, FEATURE_SERVICE,
+        enable_reflection(self.grpc, (RECOMMEND_SERVICE, MODEL_SERVICE, FEATURE_SERVICE, KSERVE_SERVICE,
                                       health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
         address = f"{config.host}:{config.port}"
         if config.tls_cert:

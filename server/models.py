@@ -18,6 +18,10 @@ Only then is it READY, and routing switches to it at once (an event-loop step: n
 sees a half-switched state). The version it replaces is UNLOADING: it takes no new
 requests, finishes the queued and in-flight ones, then is closed. A version that fails any
 step is UNAVAILABLE with the reason and the versions already serving keep serving.
+
+The manifest's kind picks what a version is: ``retrieval`` (server/retrieval.py: the
+Recommend pipeline, with a batcher) or ``generic`` (server/generic.py: an ONNX model served
+only through KServe ModelInfer, no batcher). Both go through the same states and policies.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from recserve.server.batcher import DynamicBatcher
 from recserve.server.config import ServerConfig
 from recserve.server.engines import EngineUnavailable
 from recserve.server.errors import InvalidRequest, ModelNotFound, NotReady, Retired, VersionNotLoaded
+from recserve.server.generic import GenericModel
 from recserve.server.metrics import Metrics
 from recserve.server.recommend import FeatureSource, Query, RequestFeatures, Result, recommend_batch
 from recserve.server.repository import RepositoryError, list_versions, read_manifest, validate_model_name
@@ -60,10 +65,13 @@ class State(str, enum.Enum):
 class ServedVersion:
     name: str
     version: int
-    model: RetrievalModel
-    batcher: DynamicBatcher
+    model: RetrievalModel | GenericModel
+    batcher: DynamicBatcher | None  # None: a generic model (no Recommend pipeline)
 
     async def submit(self, query: Query, deadline: float | None) -> Result:
+        if self.batcher is None:
+            raise InvalidRequest(f"model {self.name!r} version {self.version} is a generic model: it has no "
+                                 "Recommend pipeline; call inference.GRPCInferenceService/ModelInfer")
         return await self.batcher.submit(query, deadline)
 
 
@@ -86,6 +94,7 @@ class ModelEntry:
     policy_mtime: float | None = None
     traffic_override: TrafficSplit | None = None
     pinned: int | None = None
+    unloaded: bool = False  # the whole model unloaded on request: nothing loads until a LoadModel
     versions: dict[int, VersionEntry] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -115,10 +124,12 @@ def _lower_priority() -> None:
         pass
 
 
-def warm_up_batches(model: RetrievalModel, rounds: int = 3) -> list[list[Query]]:
+def warm_up_batches(model: RetrievalModel | GenericModel, rounds: int = 3) -> list[list[Query]]:
     """The manifest's golden requests as queries: each alone, then all together, a few
     times (touches the mmap'd pages and measures what batches of these sizes cost)."""
     queries = []
+    if isinstance(model, GenericModel):  # its golden requests were its warm-up (check_golden)
+        return []
     for g in model.manifest.get("golden", []):
         record = dict(g["request"])
         user_id, history = str(record.pop("user_id", "") or "warm-up"), record.pop(HISTORY_SOURCE, None) or ()
@@ -183,6 +194,8 @@ class ModelRegistry:
     def _wanted(self, entry: ModelEntry, published: list[int]) -> set[int]:
         """Versions of this model to have loaded: the policy's (skipping held ones), the
         pinned one, and those any traffic split (this model's or another's) names."""
+        if entry.unloaded:
+            return set()
         held = {v for v, e in entry.versions.items() if e.held}
         wanted = set(entry.policy.versions.wanted(published, sorted(held)))
         for owner in self.models.values():
@@ -250,7 +263,8 @@ class ModelRegistry:
         try:
             model = await loop.run_in_executor(self._loader, self._build_version, name, version)
             served = self._serve(name, version, model)
-            await loop.run_in_executor(self._loader, served.batcher.warm_up, warm_up_batches(model))
+            if served.batcher is not None:
+                await loop.run_in_executor(self._loader, served.batcher.warm_up, warm_up_batches(model))
         except Exception as e:  # any failure: report it; what serves keeps serving
             ve.state, ve.held, ve.reason = State.UNAVAILABLE, True, f"{type(e).__name__}: {e}"
             log.error("model %s version %d rejected: %s", name, version, ve.reason)
@@ -258,28 +272,35 @@ class ModelRegistry:
             return
         previous = entry.serving
         ve.served, ve.state, ve.reason = served, State.READY, ""
-        log.info("model %s version %d is READY (%d items)%s", name, version, len(model.item_ids),
+        log.info("model %s version %d is READY (%s)%s", name, version,
+                 "generic" if isinstance(model, GenericModel) else f"{len(model.item_ids)} items",
                  f"; serving version {entry.serving.version}" if entry.serving else "")
         self.metrics.swap_event(name, version, "ready")
         if previous is not None and entry.serving is not previous:
             log.info("model %s: routing switched from version %d to %d", name, previous.version,
                      entry.serving.version)
 
-    def _build_version(self, name: str, version: int) -> RetrievalModel:
+    def _build_version(self, name: str, version: int) -> RetrievalModel | GenericModel:
         """In the loader thread: open, verify and check one version (raises on any fault)."""
         version_dir = self.repository / name / str(version)
         options = {"threads": self.config.engine_threads}
+        kind = read_manifest(version_dir)["kind"]
+        if kind not in ("retrieval", "generic"):
+            raise RepositoryError(f"{version_dir}: kind {kind!r} is not served yet (serves: retrieval, generic)")
         backends = self._backends(version_dir)
         for backend in backends:
             try:
-                model = RetrievalModel.load(version_dir, backend=backend, item_dtype=self.config.item_dtype,
-                                            engine_options=options)
-                max_batch = model.manifest["engines"][backend].get("max_batch")
-                if max_batch is not None and self.config.batching.max_batch_size > max_batch:
-                    raise EngineUnavailable(f"its plan takes batches up to {max_batch}, "
-                                            f"max_batch_size is {self.config.batching.max_batch_size}")
+                if kind == "generic":
+                    model = GenericModel.load(version_dir, backend=backend, engine_options=options)
+                else:
+                    model = RetrievalModel.load(version_dir, backend=backend, item_dtype=self.config.item_dtype,
+                                                engine_options=options)
+                    max_batch = model.manifest["engines"][backend].get("max_batch")
+                    if max_batch is not None and self.config.batching.max_batch_size > max_batch:
+                        raise EngineUnavailable(f"its plan takes batches up to {max_batch}, "
+                                                f"max_batch_size is {self.config.batching.max_batch_size}")
                 model.check_golden()
-                if self.store is not None:
+                if kind == "retrieval" and self.store is not None:
                     self.store.check_compatible(model.spec)  # SchemaMismatch names each difference
             except (EngineUnavailable, RepositoryError) as e:
                 if backend == backends[-1] or (self.config.engine != "auto"):
@@ -298,7 +319,10 @@ class ModelRegistry:
         available = read_manifest(version_dir).get("engines", {})
         return [b for b in ("tensorrt", "onnx") if b in available]
 
-    def _serve(self, name: str, version: int, model: RetrievalModel) -> ServedVersion:
+    def _serve(self, name: str, version: int, model: RetrievalModel | GenericModel) -> ServedVersion:
+        if isinstance(model, GenericModel):  # ModelInfer runs its engine (server/kserve.py)
+            return ServedVersion(name, version, model, None)
+
         def run(queries):
             results = recommend_batch(model, self.features, queries)
             if results:
@@ -321,7 +345,8 @@ class ModelRegistry:
         self.metrics.swap_event(entry.name, ve.version, "unloading")
 
         async def finish() -> None:
-            await served.batcher.drain()
+            if served.batcher is not None:  # a generic version has nothing queued
+                await served.batcher.drain()
             if entry.versions.get(ve.version) is ve:
                 ve.served, ve.state, ve.reason = None, State.UNAVAILABLE, f"unloaded ({why})"
             log.info("model %s version %d unloaded", entry.name, ve.version)
@@ -353,6 +378,7 @@ class ModelRegistry:
                 if ve.held and (version is None or ve.version == version):
                     ve.held = False
             entry.pinned = version
+            entry.unloaded = False
         await self.sync(name)
         if version is not None and entry.versions[version].state != State.READY:
             entry.pinned = None
@@ -373,6 +399,16 @@ class ModelRegistry:
                 entry.pinned = None
             ve.held = True  # the policy must not load it straight back
             self._retire(entry, ve, "unloaded by request")
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving every version of a model (KServe RepositoryModelUnload): each finishes
+        what it has queued; none is loaded again until a load(name)."""
+        entry = self.entry(name)
+        async with entry.lock:  # no version is LOADING while the lock is held (sync holds it)
+            entry.pinned, entry.unloaded = None, True
+            for ve in entry.versions.values():
+                if ve.state == State.READY:
+                    self._retire(entry, ve, "unloaded by request")
 
     async def set_traffic(self, name: str, split: TrafficSplit | None) -> None:
         """Replace the model's traffic split (None: back to serving.json's) and load the
@@ -415,6 +451,8 @@ class ModelRegistry:
                                    f"{f' (serving version {serving.version})' if serving else ''}{why}")
         served = entry.serving
         if served is None:
+            if entry.unloaded:
+                raise NotReady(f"model {name!r} was unloaded on request; load it to serve it again")
             if any(e.state == State.LOADING for e in entry.versions.values()):
                 raise NotReady(f"model {name!r} is loading; retry shortly")
             raise NotReady(f"model {name!r} has no loadable version ({entry.failures()})")
@@ -501,6 +539,6 @@ class ModelRegistry:
         await asyncio.gather(*self._retiring, return_exceptions=True)
         for entry in self.models.values():
             for ve in entry.versions.values():
-                if ve.served is not None:
+                if ve.served is not None and ve.served.batcher is not None:
                     await ve.served.batcher.close()
         self._loader.shutdown(wait=False, cancel_futures=True)
