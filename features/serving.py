@@ -55,7 +55,10 @@ class StoreFeatures:
     def user_records(self, queries: Sequence) -> list[dict]:
         stored = self.store.user_records([q.user_id for q in queries])
         bound = self.store.max_history
-        return [merge_request(r, q.context, q.recent_items, bound) for r, q in zip(stored, queries)]
+        # A query with no context and no recent items takes its stored record as it is
+        # (a fresh dict from this read: nobody else holds it), not a copy.
+        return [merge_request(r, q.context, q.recent_items, bound) if q.context or q.recent_items else r
+                for r, q in zip(stored, queries)]
 
 
 class HistoryBuckets:

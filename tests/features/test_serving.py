@@ -60,3 +60,12 @@ def test_history_buckets_equal_the_spec_encoding(tmp_path):
         store.push_events([("u0", "brand-new", T0, "view")])  # a code the bucket table has not seen
         batch = store.user_batch(["u0"])
         assert buckets.bags(batch)[0][0] == SPEC.hash_values("history", ["brand-new"])[0]
+
+
+def test_store_features_without_context_or_recent_items_is_the_stored_record(tmp_path):
+    with FeatureStore.open(tmp_path / "s", create=True, max_history=3) as store:
+        store.push_events([("u1", "a", T0, "view")])
+        recs = StoreFeatures(store).user_records([Query("u1"), Query("new"), Query("u1", {"device": "web"})])
+        assert recs[:2] == store.user_records(["u1", "new"])
+        assert recs[2] == {**store.user_records(["u1"])[0], "device": "web"}
+        assert recs[0] is not recs[2]
