@@ -37,7 +37,15 @@ $(VENV)/.installed: $(PY) $(NATIVE_SOURCES)
 	$(PIP) install -q --no-build-isolation -e ".[test,trainer]"
 	touch $@
 
-test: $(VENV)/.installed
+# NVIDIA's tritonclient in its own venv (it pins protobuf < 7; recserve's stubs need >= 7):
+# tests/server/test_kserve_tritonclient.py runs it against a live server as an external client.
+TRITONCLIENT_VENV ?= .venv-tritonclient
+$(TRITONCLIENT_VENV)/.installed: tests/compat/tritonclient-requirements.txt
+	test -x $(TRITONCLIENT_VENV)/bin/python || $(PYTHON) -m venv $(TRITONCLIENT_VENV)
+	$(TRITONCLIENT_VENV)/bin/python -m pip install -q --disable-pip-version-check -r tests/compat/tritonclient-requirements.txt
+	touch $@
+
+test: $(VENV)/.installed $(TRITONCLIENT_VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Train on ../shared/data/online-retail, export, serve, query through the client, stop.
@@ -104,7 +112,7 @@ cuda-check:
 	RECSERVE_EXPECT_CUDA_BUILD=1 $(CUDA_PY) -m pytest tests/kernels $(PYTEST_ARGS)
 
 clean:
-	rm -rf build dist $(VENV) $(CUDA_VENV) $(TRITON_VENV) $(GRPC166_VENV) .pytest_cache clients/go/gen
+	rm -rf build dist $(VENV) $(CUDA_VENV) $(TRITON_VENV) $(GRPC166_VENV) $(TRITONCLIENT_VENV) .pytest_cache clients/go/gen
 
 # ---- Go client, ghz load tests, ecosystem smoke ----------------------------------------
 # Go tools are installed at pinned versions into build/go-bin (GOBIN); a stamp per
