@@ -64,52 +64,72 @@ def murmur3_32(data: bytes | str, seed: int = 0) -> int:
     return _C.murmur3_32(data, seed)
 
 
-def hash_features(tokens, *, seed: int, num_buckets: int):
+def _check_validate(op: str, validate) -> None:
+    if not isinstance(validate, (bool, np.bool_)):
+        raise ValueError(f"{op}: validate must be True or False, got {validate!r}")
+
+
+def hash_features(tokens, *, seed: int, num_buckets: int, validate: bool = True):
     """Bucket ids ``murmur3_32(utf8(token), seed) % num_buckets`` as int64[n].
 
     ``tokens``: a list/tuple of str or bytes, a 1-D NumPy array of dtype ``U``, ``S``
     or object, or the flat form ``(data uint8[M], offsets int64[n + 1])``; the flat
     form may hold CUDA arrays, which hashes on the GPU (one thread per token).
+    ``validate=False``: the caller guarantees valid offsets; see ``embedding_bag``.
     """
+    _check_validate("hash_features", validate)
     if isinstance(tokens, tuple) and len(tokens) == 2 and _on_cuda(
         "hash_features", **{"tokens data": tokens[0], "tokens offsets": tokens[1]}
     ):
         from recserve.kernels import _cuda
 
-        return _cuda.hash_flat(tokens[0], tokens[1], seed=seed, num_buckets=num_buckets)
+        return _cuda.hash_flat(tokens[0], tokens[1], seed=seed, num_buckets=num_buckets,
+                               validate=bool(validate))
     return _C.hash_features(tokens, seed=seed, num_buckets=num_buckets)
 
 
-def embedding_bag(table, indices, offsets, *, mode: str = "sum", weights=None):
+def embedding_bag(table, indices, offsets, *, mode: str = "sum", weights=None, validate: bool = True):
     """Pooled embedding rows per bag, float32[B, d].
 
     ``table`` [N, d] float32/float16 (may be a read-only ``np.memmap``), ``indices``
     int64[M], ``offsets`` int64[B + 1] with offsets[0] = 0, non-decreasing and
     offsets[B] = M. ``mode`` is "sum" or "mean"; ``weights`` float32[M] scale each
     row (sum only). Empty bags give zeros; accumulation is float32.
+
+    ``validate=False`` (every op has it): the caller guarantees the data-dependent
+    conditions (offsets, index ranges, exclusion ids). Shapes, dtypes and devices are
+    still checked. On CUDA arrays the op then never synchronises the stream (the
+    device-side value checks are not read back); a broken guarantee never reads or
+    writes out of bounds, but its result is unspecified. On NumPy arrays the values are
+    checked anyway (the checks are part of the compute), so nothing changes there.
     """
+    _check_validate("embedding_bag", validate)
     if _on_cuda("embedding_bag", table=table, indices=indices, offsets=offsets, weights=weights):
         from recserve.kernels import _cuda
 
-        return _cuda.embedding_bag(table, indices, offsets, mode=mode, weights=weights)
+        return _cuda.embedding_bag(table, indices, offsets, mode=mode, weights=weights,
+                                   validate=bool(validate))
     return _C.embedding_bag(table, indices, offsets, mode=mode, weights=weights)
 
 
-def topk_inner_product(queries, items, k: int, *, exclude_indptr=None, exclude_ids=None):
+def topk_inner_product(queries, items, k: int, *, exclude_indptr=None, exclude_ids=None,
+                       validate: bool = True):
     """The k items with the largest inner product per query, fused (no [B, N] matrix).
 
     ``queries`` float32[B, d], ``items`` float32/float16[N, d]. Returns
     ``(scores float32[B, k], ids int64[B, k])`` sorted by score descending, ties to
     the smaller id. ``exclude_indptr`` int64[B + 1] / ``exclude_ids`` int64 (CSR)
     list item ids never to return per query. Slots beyond the eligible items hold
-    id -1 and score -inf.
+    id -1 and score -inf. ``validate=False``: the caller guarantees valid exclusions
+    (see ``embedding_bag``); on CUDA arrays the op then never synchronises.
     """
+    _check_validate("topk_inner_product", validate)
     if _on_cuda("topk_inner_product", queries=queries, items=items,
                 exclude_indptr=exclude_indptr, exclude_ids=exclude_ids):
         from recserve.kernels import _cuda
 
         return _cuda.topk_inner_product(queries, items, k, exclude_indptr=exclude_indptr,
-                                        exclude_ids=exclude_ids)
+                                        exclude_ids=exclude_ids, validate=bool(validate))
     return _C.topk_inner_product(queries, items, k, exclude_indptr=exclude_indptr,
                                  exclude_ids=exclude_ids)
 

@@ -12,7 +12,8 @@ Each op allocates its outputs with the inputs' array library on their device and
 runs on that library's current stream (``torch.cuda.current_stream(device)`` /
 ``cupy.cuda.get_current_stream()``), so results are ordered like any other work
 of the caller. Only ops that must validate data on the device (offsets, indices,
-exclusions) synchronise that stream, once, to report a ValueError.
+exclusions) synchronise that stream, once, to report a ValueError; with
+``validate=False`` (the caller guarantees the values) no op synchronises.
 
 Importing this module is cheap: the extension, torch and CuPy are imported on
 first use.
@@ -201,7 +202,7 @@ def _rows(x: Any, ndim: int) -> int:
 
 # ---- ops ---------------------------------------------------------------------------
 
-def hash_flat(data, offsets, *, seed: int, num_buckets: int):
+def hash_flat(data, offsets, *, seed: int, num_buckets: int, validate: bool = True):
     """``murmur3_32(data[offsets[i]:offsets[i + 1]], seed) % num_buckets`` -> int64[n]."""
     ext = _require()
     op = "hash_features"
@@ -210,11 +211,11 @@ def hash_flat(data, offsets, *, seed: int, num_buckets: int):
         data, offsets = lib.contiguous(data), lib.contiguous(offsets)
         n = max(_rows(offsets, 1) - 1, 0)
         out = lib.empty((n,), "int64")
-        ext.hash_flat(data, offsets, seed, num_buckets, out, lib.stream())
+        ext.hash_flat(data, offsets, seed, num_buckets, out, lib.stream(), validate)
     return out
 
 
-def embedding_bag(table, indices, offsets, *, mode: str = "sum", weights=None):
+def embedding_bag(table, indices, offsets, *, mode: str = "sum", weights=None, validate: bool = True):
     """Pooled rows per bag -> float32[B, d] (see recserve.kernels.embedding_bag)."""
     ext = _require()
     op = "embedding_bag"
@@ -229,11 +230,12 @@ def embedding_bag(table, indices, offsets, *, mode: str = "sum", weights=None):
         num_bags = max(_rows(offsets, 1) - 1, 0)
         d = int(table.shape[1]) if len(tuple(table.shape)) == 2 else 0
         out = lib.empty((num_bags, d), "float32")
-        ext.embedding_bag(table, indices, offsets, weights, mode, out, lib.stream())
+        ext.embedding_bag(table, indices, offsets, weights, mode, out, lib.stream(), validate)
     return out
 
 
-def topk_inner_product(queries, items, k: int, *, exclude_indptr=None, exclude_ids=None):
+def topk_inner_product(queries, items, k: int, *, exclude_indptr=None, exclude_ids=None,
+                       validate: bool = True):
     """Top-k items by inner product -> (float32[B, k], int64[B, k])."""
     ext = _require()
     op = "topk_inner_product"
@@ -258,5 +260,5 @@ def topk_inner_product(queries, items, k: int, *, exclude_indptr=None, exclude_i
         scores = lib.empty((num_queries, width), "float32")
         ids = lib.empty((num_queries, width), "int64")
         ext.topk_inner_product(queries, items, k, exclude_indptr, exclude_ids, scores, ids,
-                               lib.stream())
+                               lib.stream(), validate)
     return scores, ids

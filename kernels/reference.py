@@ -8,7 +8,9 @@ Usage::
 These functions are slow on purpose (clear Python, no tricks). The native kernels in
 ``recserve.kernels`` must return the same values; the test suite checks them against
 this module on every device present. Argument validation lives in the native code;
-this module assumes well-formed input.
+this module assumes well-formed input. Each op's ``validate`` keyword (the kernels'
+"the caller guarantees valid values": no device synchronisation) does not change the
+function computed on valid input, so here it is accepted and has no effect.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def murmur3_32(data: bytes | str, seed: int = 0) -> int:
     return _fmix32(h)
 
 
-def hash_features(tokens, *, seed: int, num_buckets: int) -> np.ndarray:
+def hash_features(tokens, *, seed: int, num_buckets: int, validate: bool = True) -> np.ndarray:
     """``murmur3_32(utf8(token), seed) % num_buckets`` for each token, as int64[n].
 
     ``tokens`` is a sequence of str/bytes, or the flat form ``(data uint8[M], offsets
@@ -84,7 +86,8 @@ def hash_features(tokens, *, seed: int, num_buckets: int) -> np.ndarray:
     return out
 
 
-def embedding_bag(table, indices, offsets, *, mode: str = "sum", weights=None) -> np.ndarray:
+def embedding_bag(table, indices, offsets, *, mode: str = "sum", weights=None,
+                  validate: bool = True) -> np.ndarray:
     """Pooled rows: ``out[b] = reduce(table[indices[offsets[b]:offsets[b + 1]]])``.
 
     ``sum`` adds the rows (each scaled by ``weights[j]`` when given); ``mean`` divides
@@ -106,7 +109,8 @@ def embedding_bag(table, indices, offsets, *, mode: str = "sum", weights=None) -
     return out
 
 
-def topk_inner_product(queries, items, k: int, *, exclude_indptr=None, exclude_ids=None):
+def topk_inner_product(queries, items, k: int, *, exclude_indptr=None, exclude_ids=None,
+                       validate: bool = True):
     """Top-k items by inner product for each query, as ``(scores float32[B, k], ids int64[B, k])``.
 
     Scores are sorted descending with ties broken by the smaller item id. Items listed

@@ -3,7 +3,8 @@
 // array library and passes its current stream); this layer turns objects with
 // __cuda_array_interface__ into TensorViews, runs the shared argument checks
 // (checks.h) plus the output checks, makes the arrays' device current, and
-// releases the GIL around the launches and the error-flag synchronisation.
+// releases the GIL around the launches and the error-flag synchronisation
+// (skipped with validate=False: the caller guarantees the values).
 //
 // cudart is linked statically: importing this module needs no CUDA library and
 // no driver; device_count() is 0 without one.
@@ -134,7 +135,7 @@ class DeviceGuard {
 void* as_stream(uintptr_t stream) { return reinterpret_cast<void*>(stream); }
 
 void hash_flat_py(const py::object& data, const py::object& offsets, int64_t seed,
-                  int64_t num_buckets, const py::object& out, uintptr_t stream) {
+                  int64_t num_buckets, const py::object& out, uintptr_t stream, bool validate) {
   const char* op = "hash_features";
   check_hash_params(op, seed, num_buckets);
   const TensorView dv = cuda_view(data, op, "tokens data");
@@ -150,12 +151,12 @@ void hash_flat_py(const py::object& data, const py::object& offsets, int64_t see
   dev.add(outv, "out");
   py::gil_scoped_release nogil;
   DeviceGuard guard(dev.device());
-  cuda::hash_flat(dv, ov, uint32_t(seed), num_buckets, outv, as_stream(stream));
+  cuda::hash_flat(dv, ov, uint32_t(seed), num_buckets, outv, as_stream(stream), validate);
 }
 
 void embedding_bag_py(const py::object& table, const py::object& indices, const py::object& offsets,
                       const py::object& weights, const std::string& mode, const py::object& out,
-                      uintptr_t stream) {
+                      uintptr_t stream, bool validate) {
   const char* op = "embedding_bag";
   const PoolMode pm = parse_pool_mode(op, mode);
   const TensorView tv = cuda_view(table, op, "table");
@@ -176,12 +177,13 @@ void embedding_bag_py(const py::object& table, const py::object& indices, const 
   dev.add(outv, "out");
   py::gil_scoped_release nogil;
   DeviceGuard guard(dev.device());
-  cuda::embedding_bag(tv, iv, ov, wv, pm, outv, as_stream(stream));
+  cuda::embedding_bag(tv, iv, ov, wv, pm, outv, as_stream(stream), validate);
 }
 
 void topk_py(const py::object& queries, const py::object& items, int64_t k,
              const py::object& exclude_indptr, const py::object& exclude_ids,
-             const py::object& out_scores, const py::object& out_ids, uintptr_t stream) {
+             const py::object& out_scores, const py::object& out_ids, uintptr_t stream,
+             bool validate) {
   const char* op = "topk_inner_product";
   const TensorView qv = cuda_view(queries, op, "queries");
   const TensorView iv = cuda_view(items, op, "items");
@@ -205,7 +207,7 @@ void topk_py(const py::object& queries, const py::object& items, int64_t k,
   dev.add(idv, "out_ids");
   py::gil_scoped_release nogil;
   DeviceGuard guard(dev.device());
-  cuda::topk_inner_product(qv, iv, k, eiv, ejv, sv, idv, as_stream(stream));
+  cuda::topk_inner_product(qv, iv, k, eiv, ejv, sv, idv, as_stream(stream), validate);
 }
 
 py::dict build_info_py() {
@@ -231,12 +233,13 @@ PYBIND11_MODULE(_C_cuda, m) {
   using namespace recserve::bindings;
   m.doc() = "recserve CUDA kernels (use recserve.kernels)";
   m.def("hash_flat", &hash_flat_py, py::arg("data"), py::arg("offsets"), py::arg("seed"),
-        py::arg("num_buckets"), py::arg("out"), py::arg("stream"));
+        py::arg("num_buckets"), py::arg("out"), py::arg("stream"), py::arg("validate") = true);
   m.def("embedding_bag", &embedding_bag_py, py::arg("table"), py::arg("indices"), py::arg("offsets"),
-        py::arg("weights"), py::arg("mode"), py::arg("out"), py::arg("stream"));
+        py::arg("weights"), py::arg("mode"), py::arg("out"), py::arg("stream"),
+        py::arg("validate") = true);
   m.def("topk_inner_product", &topk_py, py::arg("queries"), py::arg("items"), py::arg("k"),
         py::arg("exclude_indptr"), py::arg("exclude_ids"), py::arg("out_scores"),
-        py::arg("out_ids"), py::arg("stream"));
+        py::arg("out_ids"), py::arg("stream"), py::arg("validate") = true);
   m.def("device_count", &recserve::cuda::device_count,
         "Number of CUDA devices; 0 without a driver or device (never raises).");
   m.def("build_info", &build_info_py);

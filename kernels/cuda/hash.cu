@@ -6,7 +6,8 @@
 // the loads coalesce through L1. The same loop validates the offsets: thread i
 // checks entry i (offsets[0] == 0, offsets[i] >= offsets[i - 1], offsets[n] == M)
 // and records the smallest bad entry in the error flag; a token whose span is
-// not inside data is not read (its output is garbage, and the op raises).
+// not inside data is not read (its output is garbage, and the op raises; with
+// validate = false the flag is not read back and the op does not synchronise).
 // The hash itself is the shared host/device murmur3_32 of recserve/murmur3.h, so
 // bucket ids are bit-identical to the CPU kernels and the trainer.
 #include "common.cuh"
@@ -38,7 +39,7 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 void hash_flat(const TensorView& data, const TensorView& offsets, uint32_t seed,
-               int64_t num_buckets, const TensorView& out, void* stream) {
+               int64_t num_buckets, const TensorView& out, void* stream, bool validate) {
   const cudaStream_t s = detail::as_stream(stream);
   const int64_t n = offsets.shape[0] - 1;
   const int64_t len = data.shape[0];
@@ -50,6 +51,10 @@ void hash_flat(const TensorView& data, const TensorView& offsets, uint32_t seed,
   hash_flat_kernel<<<detail::grid_for(n + 1, kThreads), kThreads, 0, s>>>(
       data.ptr<uint8_t>(), len, off, n, seed, uint64_t(num_buckets), out.ptr<int64_t>(), err);
   RECSERVE_CUDA_CHECK_LAUNCH();
+  if (!validate) {  // the caller guarantees the offsets: no read-back, no synchronisation
+    ws.release();
+    return;
+  }
 
   u64 bad = detail::kNoError;
   RECSERVE_CUDA_CHECK(cudaMemcpyAsync(&bad, err, sizeof(u64), cudaMemcpyDeviceToHost, s));

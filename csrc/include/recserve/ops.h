@@ -41,17 +41,24 @@ std::vector<int64_t> topk_bf16_filter_rows(const TensorView& queries, const Tens
 }  // namespace cpu
 
 // Same ops on device memory, enqueued on `stream` (a cudaStream_t). Value errors
-// found on the device are reported after a stream synchronisation.
+// found on the device are reported after a stream synchronisation. With
+// validate = false the caller guarantees the values (offsets, index ranges,
+// exclusion ids): the device-side checks are not read back and the op never
+// synchronises (invalid values are still never read or written out of bounds;
+// the result is then unspecified). The CPU ops check values inline at no extra
+// cost, so they have no such argument.
 namespace cuda {
 void hash_flat(const TensorView& data, const TensorView& offsets, uint32_t seed,
-               int64_t num_buckets, const TensorView& out, void* stream);
+               int64_t num_buckets, const TensorView& out, void* stream, bool validate = true);
 
 void embedding_bag(const TensorView& table, const TensorView& indices, const TensorView& offsets,
-                   const TensorView& weights, PoolMode mode, const TensorView& out, void* stream);
+                   const TensorView& weights, PoolMode mode, const TensorView& out, void* stream,
+                   bool validate = true);
 
 void topk_inner_product(const TensorView& queries, const TensorView& items, int64_t k,
                         const TensorView& exclude_indptr, const TensorView& exclude_ids,
-                        const TensorView& out_scores, const TensorView& out_ids, void* stream);
+                        const TensorView& out_scores, const TensorView& out_ids, void* stream,
+                        bool validate = true);
 
 // Device count; 0 when no driver or device is present (never throws).
 int device_count();
