@@ -5,6 +5,7 @@ Usage::
     .venv/bin/python bench/serve.py                     # builds the models once into build/bench-serve
     .venv/bin/python bench/serve.py --seconds 5 --rounds 3 --concurrency 1,8,64
     .venv/bin/python bench/serve.py --triton-python /path/to/triton-venv/bin/python
+    .venv/bin/python bench/serve.py --device cuda        # adds GPU serving (--device cuda) to the same run
 
 Models: two-tower models trained (1 epoch) on synthetic data with 10,000 and 1,000,000
 items, exported with `recserve export` — the real pipeline (hash -> embedding_bag on
@@ -18,6 +19,11 @@ Contenders, same run, same requests (users with their recent items):
   triton    (with --triton-python) the same pipeline in NVIDIA Triton via pytriton
 Targets (server issue): p50 at c=1 within 1.3x of the floor; c=64 throughput >= 2x
 Triton's; 1M items at c=64 >= 400 req/s with p95 < 100 ms. Writes bench/results/serve.md.
+
+With ``--device cuda`` (GPU serving, issue 8) the same run also serves both models with
+``recserve serve --device cuda`` (tables, items and every stage on the GPU) and reports GPU vs
+CPU at each concurrency; it writes bench/results/serve-cuda.md. Without a usable GPU it says
+why and exits 0.
 """
 
 from __future__ import annotations
@@ -107,11 +113,18 @@ def run(args) -> dict:
             "triton serving", "m", req10k, args.triton_python, "triton")
     contenders["recserve 1M items"] = ([py, "-m", "recserve.cli", "serve", "--repository", str(repo1m), "--host",
                                         "localhost", "--port", "0"], "on port", "m", req1m, py, "recserve")
+    if args.device == "cuda":
+        for size, repo, requests in (("10k", repo10k, req10k), ("1M", repo1m, req1m)):
+            contenders[f"recserve {size} items on cuda"] = (
+                [py, "-m", "recserve.cli", "serve", "--repository", str(repo), "--host", "localhost", "--port", "0",
+                 "--device", "cuda", "--cuda-device", str(args.cuda_device)], "on port", "m", requests, py, "recserve")
     rounds: dict[str, dict[int, list[dict]]] = {name: {} for name in contenders}
     # Rounds alternate the contenders so that the VM's slow minutes hit all of them.
     for _ in range(args.rounds):
         for name, (cmd, marker, model, requests, client_py, client) in contenders.items():
             points = [64] if name == "recserve 1M items" else concurrencies
+            if name == "recserve 1M items" and args.device == "cuda":
+                points = concurrencies  # the GPU comparison needs the CPU path at every point
             proc, port = start(cmd, marker)
             try:
                 for c in points:
@@ -159,6 +172,12 @@ def report(results: dict, args) -> str:
     met = big["rps"] >= 400 and big["p95_ms"] < 100
     lines.append(f"- 1M items, c=64: {big['rps']:,.0f} req/s, p95 {big['p95_ms']:.1f} ms "
                  f"(target >= 400 req/s and p95 < 100 ms: {'met' if met else 'NOT met'})")
+    for size in ("10k", "1M"):
+        gpu, cpu_path = results.get(f"recserve {size} items on cuda"), results.get(f"recserve {size} items")
+        for c in sorted(set(gpu or ()) & set(cpu_path or ())):
+            lines.append(f"- {size} items, c={c}: GPU serving p50 {gpu[c]['p50_ms']:.2f} ms vs CPU "
+                         f"{cpu_path[c]['p50_ms']:.2f} ms, throughput GPU / CPU = "
+                         f"{gpu[c]['rps'] / cpu_path[c]['rps']:.2f}x")
     return "\n".join(lines)
 
 
@@ -169,9 +188,19 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,64")
     parser.add_argument("--rounds", type=int, default=3, help="medians over this many alternating rounds")
     parser.add_argument("--triton-python", help="python of a venv with nvidia-pytriton (see bench/serve_triton.py)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: also serve with --device cuda (GPU serving) and compare with the CPU path")
+    parser.add_argument("--cuda-device", type=int, default=0)
     args = parser.parse_args()
+    if args.device == "cuda":
+        from recserve.server.gpu import cuda_unavailable_reason
+
+        reason = cuda_unavailable_reason(args.cuda_device)
+        if reason is not None:
+            print(f"bench/serve.py --device cuda: skipped, this machine cannot serve on CUDA ({reason})")
+            return
     text = report(run(args), args)
-    out = HERE / "results" / "serve.md"
+    out = HERE / "results" / ("serve-cuda.md" if args.device == "cuda" else "serve.md")
     out.parent.mkdir(exist_ok=True)
     out.write_text(text + "\n")
     print(text)

@@ -5,6 +5,7 @@
 serve.json example (every key optional except repository):
     {"repository": "models", "port": 8500, "metrics_port": 9464, "poll_interval_s": 2,
      "admin_token_file": "/etc/recserve/admin-token",
+     "device": "cuda", "cuda_device": 0, "gpu_engine": "auto",
      "batching": {"max_batch_size": 64, "max_queue_delay_us": 0, "max_queue_size": 1024,
                   "inline_compute_us": 500}}
 """
@@ -15,6 +16,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+GPU_ENGINES = ("auto", "tensorrt", "onnx-cuda", "torch")  # server/gpu_engines.py
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,12 @@ class ServerConfig:
     log_format: str = "text"  # "text" or "json" (one JSON object per line)
     max_receive_message_bytes: int = 4 << 20  # largest request accepted (gRPC's default)
     max_send_message_bytes: int = 16 << 20  # largest reply sent
+    # Where the Recommend pipeline runs: "cpu", or "cuda" (tables, item matrix and every stage
+    # on GPU cuda_device, server/gpu.py); gpu_engine picks the dense engine on the GPU:
+    # auto (TensorRT with a .plan, else ONNX Runtime's CUDA EP, else torch), or one of them.
+    device: str = "cpu"
+    cuda_device: int = 0
+    gpu_engine: str = "auto"
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     _admin_bearer: str | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -80,6 +89,12 @@ class ServerConfig:
             raise ValueError(f"config: item_dtype must be float32 or float16, got {self.item_dtype!r}")
         if self.engine not in ("auto", "onnx", "tensorrt"):
             raise ValueError(f"config: engine must be auto, onnx or tensorrt, got {self.engine!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"config: device must be cpu or cuda, got {self.device!r}")
+        if not isinstance(self.cuda_device, int) or isinstance(self.cuda_device, bool) or self.cuda_device < 0:
+            raise ValueError(f"config: cuda_device must be an integer >= 0, got {self.cuda_device!r}")
+        if self.gpu_engine not in GPU_ENGINES:
+            raise ValueError(f"config: gpu_engine must be one of {', '.join(GPU_ENGINES)}, got {self.gpu_engine!r}")
         if not isinstance(self.compute_threads, int) or self.compute_threads < 1:
             raise ValueError("config: compute_threads must be an integer >= 1")
         if not isinstance(self.drain_timeout_s, (int, float)) or self.drain_timeout_s < 0:

@@ -51,7 +51,7 @@ class TensorRtEngine:
 
     Inputs may be NumPy arrays (copied to the device on the engine's stream) or CuPy arrays
     (used in place); outputs come back as NumPy. The GPU serving path keeps them on the
-    device instead.
+    device instead (``run_device``: CuPy in, CuPy out, on the caller's stream).
     """
 
     backend = "tensorrt"
@@ -101,6 +101,28 @@ class TensorRtEngine:
             result = {name: cp.asnumpy(array, stream=self._stream) for name, array in outputs.items()}
             self._stream.synchronize()
         return result
+
+    def run_device(self, inputs: dict, stream) -> dict:
+        """Device to device on ``stream`` (a ``cupy.cuda.Stream`` of this engine's device): inputs
+        are C-contiguous float32 CuPy arrays, outputs CuPy arrays allocated on that stream.
+        Nothing is copied to the host and nothing waits: the caller orders the work on the
+        stream and synchronises when it needs the results (the GPU serving path, server/gpu.py).
+        Not thread-safe (one execution context): callers serialise runs."""
+        cp = self._cp
+        with self._device, stream:
+            for name in self.input_names:
+                array = inputs[name]
+                if array.dtype != cp.float32 or not array.flags.c_contiguous:
+                    raise ValueError(f"TensorRT input {name!r} must be a C-contiguous float32 CuPy array")
+                self._context.set_input_shape(name, tuple(array.shape))
+                self._context.set_tensor_address(name, array.data.ptr)
+            outputs = {}
+            for name in self.output_names:
+                outputs[name] = cp.empty(tuple(self._context.get_tensor_shape(name)), dtype=cp.float32)
+                self._context.set_tensor_address(name, outputs[name].data.ptr)
+            if not self._context.execute_async_v3(stream.ptr):
+                raise RuntimeError("TensorRT execution failed")
+        return outputs
 
 
 _BACKENDS = {"onnx": OnnxRuntimeEngine, "tensorrt": TensorRtEngine}
