@@ -34,7 +34,7 @@ $(PY):
 # rebuild after editing C++ is incremental (build/<wheel tag>) and takes seconds.
 $(VENV)/.installed: $(PY) $(NATIVE_SOURCES)
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja "grpcio-tools>=1.85.1,<1.86"
-	$(PIP) install -q --no-build-isolation -e ".[test,trainer]"
+	$(PIP) install -q --no-build-isolation -e ".[test,trainer,gpu-torch]"
 	touch $@
 
 # NVIDIA's tritonclient in its own venv (it pins protobuf < 7; recserve's stubs need >= 7):

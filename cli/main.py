@@ -5,7 +5,7 @@
     recserve evaluate runs/retail [--baselines popularity,mf] [--test heldout.csv]
     recserve export runs/retail --repository models --model retail [--backend onnx,tensorrt]
     recserve publish model.onnx --repository models --model resnet [--sample inputs.npz | --no-golden]
-    recserve serve --repository models [--port 8500] [--config serve.json]
+    recserve serve --repository models [--port 8500] [--config serve.json] [--device cuda]
     recserve recommend 17850 --model retail [--target localhost:8500] [--k 10] [--recent 85123A,71053]
     recserve push 17850 85123A 71053 --type click [--target localhost:8500]
     recserve models list|load|unload|split [MODEL] [--version N] [--split split.json] --token-file admin-token
@@ -128,11 +128,16 @@ def _cmd_serve(args) -> None:
         "trace_exporter": args.trace_exporter, "trace_endpoint": args.trace_endpoint,
         "trace_sample_ratio": args.trace_sample_ratio, "log_format": args.log_format,
         "metrics_port": int(args.metrics_port) if args.metrics_port not in (None, "off") else None,
-        "engine": args.engine})
+        "engine": args.engine, "device": args.device, "cuda_device": args.cuda_device,
+        "gpu_engine": args.gpu_engine})
     if args.metrics_port == "off":
         import dataclasses
 
         config = dataclasses.replace(config, metrics_port=None)
+    if config.device == "cuda":  # before anything starts: one line when this machine cannot
+        from recserve.server.gpu import require_cuda
+
+        require_cuda(config)
     serve_processes(config, args.workers)
 
 
@@ -323,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inline-compute-us", type=int,
                    help="batches measured to cost at most this compute on the event loop (default 500; 0: never)")
     p.add_argument("--engine", choices=("auto", "onnx", "tensorrt"))
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="where the Recommend pipeline runs (default cpu; cuda: tables, items and every stage on a GPU)")
+    p.add_argument("--cuda-device", type=int, help="GPU index for --device cuda (default 0)")
+    p.add_argument("--gpu-engine", choices=("auto", "tensorrt", "onnx-cuda", "torch"),
+                   help="dense engine on the GPU (default auto: TensorRT with a plan, else ONNX Runtime CUDA, else torch)")
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port (SO_REUSEPORT)")
     p.add_argument("--metrics-port", help="Prometheus endpoint port (default 9464; 0: any free port; off: none)")
     p.add_argument("--poll-interval-s", type=float, help="rescan the repository this often (default 2; 0: never)")

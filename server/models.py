@@ -145,6 +145,10 @@ class ModelRegistry:
         is checked against it when it loads); without one, features come from the request.
         ``in_flight()``: requests the server is handling (a lone request skips the queue)."""
         self.config = config
+        if config.device == "cuda":  # this machine cannot serve on the GPU: one line, at startup
+            from recserve.server.gpu import require_cuda
+
+            require_cuda(config)
         self.store = store
         self.in_flight = in_flight
         self.repository = Path(config.repository)
@@ -309,6 +313,11 @@ class ModelRegistry:
                             backends[backends.index(backend) + 1])
                 continue
             log.info("model %s version %d: %s engine (%s)", name, version, backend, ", ".join(model.engine.providers))
+            if kind == "retrieval" and self.config.device == "cuda":  # server/gpu.py: resident, golden-checked
+                from recserve.server.gpu import to_device
+
+                model = to_device(model, self.config, log=lambda where: log.info(
+                    "model %s version %d: on %s", name, version, where))
             return model
         raise EngineUnavailable(f"{version_dir}: no engine that runs here")
 
