@@ -569,7 +569,7 @@ class FeatureStore:
         per-user Python work and few NumPy calls (each costs microseconds when the caches are
         cold, as they are between two batches): the values are joined once; when they all
         have one size (full histories, the common case) the checks are strided byte
-        compares on the join, the codes one 2-D ``uint32`` view of it and the three int64
+        compares on the join, the codes one strided 2-D ``uint32`` view of it and the three int64
         columns one strided copy; mixed sizes join the prefixes and the codes separately.
         ``txn``: where to read item codes the in-memory vocabulary lacks (default: a new read
         transaction; codes are append-only, so any later snapshot has them). Public so that
@@ -592,7 +592,7 @@ class FeatureStore:
             # All one size: each value's length field says exactly that size, so record i
             # starts at i * size and every check and column is a strided read of the join.
             src, stride, versions = buf, size, buf[::size]
-            codes = np.frombuffer(buf, dtype="<u4").reshape(n, size >> 2)[:, p >> 2:].reshape(-1)
+            codes = np.ndarray((n, k), "<u4", buf, p, (size, 4)).reshape(-1)  # a copy: the codes only
             offsets = np.arange(0, (n + 1) * k, k, dtype=np.int64) if k else np.zeros(n + 1, np.int64)
         else:
             src = heads = b"".join([v[:p] for v in rows])
