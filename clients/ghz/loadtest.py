@@ -11,13 +11,15 @@ Model: bench/serve.py's `build_model` (synthetic data, 20,000 users x 10,000 ite
 epoch of the two-tower trainer, exported; ~20 s on 2 cores, kept in build/loadtest).
 Request data: the model's held-out users with their recent items (their history after
 their last training event, as the server would see it), k = 20, written where the configs
-in clients/ghz/ expect it: recommend-data.json (one user per call) and
-batch-recommend-data.json (8 users per BatchRecommend). The server runs as its own
+in clients/ghz/ expect it: recommend-data.json (one user per call),
+batch-recommend-data.json (8 users per BatchRecommend) and model-infer-data.json (KServe v2
+ModelInfer on the model's dense user tower: each user's pooled feature vectors, computed
+by the model's own feature spec and tables, as typed FP32 contents). The server runs as its own
 process on a free port; ghz finds the methods by server reflection (no proto files) and
 its JSON report gives p50/p95/p99 and RPS. Any error status fails the run.
 
---smoke (CI) runs against that one server, with ghz bounded to 2,000 Recommend and 200
-BatchRecommend calls: grpc-health-probe (SERVING), grpcurl list and describe, the Go
+--smoke (CI) runs against that one server, with ghz bounded to 2,000 Recommend, 200
+BatchRecommend and 500 ModelInfer calls: grpc-health-probe (SERVING), grpcurl list and describe, the Go
 example command (items, and one error line with its status), then ghz. Every command is
 printed, and must appear in docs/clients.md as it ran (port 8500 there).
 """
@@ -39,7 +41,9 @@ DOCS = ROOT / "docs" / "clients.md"
 MODEL = "m"  # the name build_model exports under
 K = 20
 BATCH_USERS = 8
-CONFIGS = {"Recommend": HERE / "recommend.json", "BatchRecommend": HERE / "batch_recommend.json"}
+CONFIGS = {"Recommend": HERE / "recommend.json", "BatchRecommend": HERE / "batch_recommend.json",
+           "ModelInfer": HERE / "model_infer.json"}
+INFER_USERS = 500
 DOC_PORT = 8500
 
 
@@ -56,16 +60,31 @@ def rel(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def write_data(requests_json: Path, out_dir: Path) -> dict[str, Path]:
+def write_data(requests_json: Path, out_dir: Path, repo: Path) -> dict[str, Path]:
     """ghz data files (JSON arrays of request messages; ghz cycles through them)."""
     users = json.loads(requests_json.read_text())
     single = [{"model": MODEL, "user_id": u["user_id"], "k": K, "recent_item_ids": u.get("history", [])}
               for u in users]
     batches = [{"requests": single[i:i + BATCH_USERS]} for i in range(0, len(single), BATCH_USERS)]
-    paths = {"Recommend": out_dir / "recommend-data.json", "BatchRecommend": out_dir / "batch-recommend-data.json"}
+    paths = {"Recommend": out_dir / "recommend-data.json", "BatchRecommend": out_dir / "batch-recommend-data.json",
+             "ModelInfer": out_dir / "model-infer-data.json"}
     paths["Recommend"].write_text(json.dumps(single))
     paths["BatchRecommend"].write_text(json.dumps(batches))
+    paths["ModelInfer"].write_text(json.dumps(_infer_requests(repo, users[:INFER_USERS])))
     return paths
+
+
+def _infer_requests(repo: Path, users: list[dict]) -> list[dict]:
+    """ModelInfer requests for the model's dense tower: each user's pooled inputs."""
+    from recserve.server.retrieval import RetrievalModel
+
+    model = RetrievalModel.load(repo / MODEL / "1")
+    pooled = model.spec.pool("user", model.spec.encode("user", users), model.tables)
+    inputs = model.signature["inputs"]
+    return [{"model_name": MODEL, "inputs": [
+        {"name": i["name"], "datatype": "FP32", "shape": [1, len(pooled[i["name"]][row])],
+         "contents": {"fp32_contents": [round(float(v), 6) for v in pooled[i["name"]][row]]}} for i in inputs]}
+        for row in range(len(users))]
 
 
 class Checks:
@@ -201,13 +220,16 @@ def main() -> int:
     parser.add_argument("--total", type=int, help="Recommend calls (default: recommend.json's; --smoke: 2000)")
     parser.add_argument("--batch-total", type=int,
                         help="BatchRecommend calls (default: batch_recommend.json's; --smoke: 200)")
-    parser.add_argument("--concurrency", type=int, help="ghz concurrency for both calls (default: the configs')")
+    parser.add_argument("--infer-total", type=int,
+                        help="ModelInfer calls (default: model_infer.json's; --smoke: 500)")
+    parser.add_argument("--concurrency", type=int, help="ghz concurrency for every call (default: the configs')")
     parser.add_argument("--smoke", action="store_true", help="CI: bounded ghz run plus grpcurl, "
                                                              "grpc-health-probe and the Go example")
     args = parser.parse_args()
     if args.smoke:
         args.total = args.total or 2000
         args.batch_total = args.batch_total or 200
+        args.infer_total = args.infer_total or 500
     bin_dir = (ROOT / args.bin).resolve()
     needed = ["ghz"] + (["grpcurl", "grpc-health-probe", "recommend"] if args.smoke else [])
     missing = [name for name in needed if not (bin_dir / name).is_file()]
@@ -222,7 +244,7 @@ def main() -> int:
     print(f"==> model: {args.items:,} synthetic items, one epoch (bench/serve.py build_model) in {args.work}",
           flush=True)
     repo, requests_json = bench.build_model(ROOT / args.work, args.items)
-    data = write_data(requests_json, requests_json.parent)
+    data = write_data(requests_json, requests_json.parent, repo)
     default_data = {call: ROOT / json.loads(path.read_text())["data-file"] for call, path in CONFIGS.items()}
 
     log = requests_json.parent / "server.log"
@@ -240,7 +262,8 @@ def main() -> int:
             print("==> ecosystem smoke", flush=True)
             smoke_checks(checks, bin_dir, target, data)
         print(f"==> ghz (server reflection, no proto files) against {target}", flush=True)
-        for call, total in (("Recommend", args.total), ("BatchRecommend", args.batch_total)):
+        for call, total in (("Recommend", args.total), ("BatchRecommend", args.batch_total),
+                            ("ModelInfer", args.infer_total)):
             report = ghz(checks, bin_dir / "ghz", call, target, data[call], default_data[call], total,
                          args.concurrency)
             if report is not None:
@@ -252,7 +275,7 @@ def main() -> int:
         checks.fail(f"the server exited with status {code} after SIGTERM (log: {rel(log)})")
     if reports:
         print(f"\nghz against recserve serve: model {MODEL} ({args.items:,} items), k = {K}")
-        print(summary(reports, {"Recommend": 1, "BatchRecommend": BATCH_USERS}))
+        print(summary(reports, {"Recommend": 1, "BatchRecommend": BATCH_USERS, "ModelInfer": 1}))
     if checks.failures:
         print(f"\n{len(checks.failures)} check(s) failed; server log: {rel(log)}", file=sys.stderr)
         for why in checks.failures:
