@@ -17,7 +17,9 @@ Usage::
    raw-socket client (one ``sendall`` of a hiredis-packed MGET, hiredis parsing the reply)
    as the floor of any Python Redis client. The component rows (lookups alone, MGET alone,
    the decode alone, ``records()`` alone) say where the time goes, and a pair of rows reads
-   users with histories of 1..50 items (values of mixed sizes: the general decode).
+   users with histories of 1..50 items (values of mixed sizes: the general decode). Then
+   four rows again back to back (each alone in alternating blocks of 25 calls), to show what
+   the interleaving costs each side.
    Target (issue 5): LMDB at least 5x faster than Redis at p50.
 2. Ingest: ``ingest_interactions`` of a generated ``--rows`` interaction log (Parquet; 20
    events per user), read + derive (``history_at_end``) + chunked synced writes, rows/s.
@@ -149,6 +151,8 @@ RAW_COLUMNAR = "Redis MGET, raw socket + same decode (columnar)"
 MIXED, REDIS_MIXED = "LMDB user_batch, histories of 1..50", "Redis MGET + same decode, histories of 1..50"
 LOOKUPS, MGET, RAW_MGET = "LMDB lookups only (get_values)", "Redis MGET only", "Redis MGET only, raw socket"
 DECODE, TO_RECORDS = "decode only (decode_users, values in hand)", "records() only (a decoded batch in hand)"
+BACK_TO_BACK = "back to back: "
+BLOCK, BLOCK_WARMUP = 25, 5
 
 
 def bench_reads(store: FeatureStore, redis: RedisServer, users: int, mixed: int, batch: int, reads: int,
@@ -195,7 +199,26 @@ def bench_reads(store: FeatureStore, redis: RedisServer, users: int, mixed: int,
             fn(arg)
             if i >= 200:
                 times[name].append(time.perf_counter() - t0)
-    return {name: percentiles(t) for name, t in times.items()}
+    out = {name: percentiles(t) for name, t in times.items()}
+    # Back to back: one path alone for a run of calls (nothing else between two calls, as in
+    # a process that only does this), to show what the interleaving costs each side. Blocks
+    # of BLOCK calls, the paths' blocks alternating in a shuffled order (so load changes on
+    # the machine hit every path alike); the first calls of each block warm it up.
+    b2b = [COLUMNAR, REDIS_COLUMNAR, LOOKUPS, MGET]
+    runs = {name: [] for name in b2b}
+    for _ in range(max(1, min(reads, 2000) // (BLOCK - BLOCK_WARMUP))):
+        rng.shuffle(b2b)
+        for name in b2b:
+            pool, setup, fn = paths[name]
+            for j in range(BLOCK):
+                arg = setup(rng.sample(pool, batch))
+                t0 = time.perf_counter()
+                fn(arg)
+                if j >= BLOCK_WARMUP:
+                    runs[name].append(time.perf_counter() - t0)
+    for name, t in runs.items():
+        out[BACK_TO_BACK + name] = percentiles(t)
+    return out
 
 
 def write_log(path: Path, rows: int, items: int, seed: int) -> Path:
@@ -287,6 +310,16 @@ def report(args, reads: dict, ingest: dict, push: list[dict], redis_version: str
         "| path | p50 (us) | p99 (us) |",
         "|---|---:|---:|",
         *[f"| {name} | {reads[name][0]:.0f} | {reads[name][1]:.0f} |" for name in order if name in reads],
+        "",
+        f"Back to back (each path alone in blocks of {BLOCK} calls, the first {BLOCK_WARMUP} of a block not "
+        f"counted, the paths' blocks alternating; nothing else runs between two calls of a block):",
+        "",
+        "| path | p50 (us) | p99 (us) |",
+        "|---|---:|---:|",
+        *[f"| {name[len(BACK_TO_BACK):]} | {v[0]:.0f} | {v[1]:.0f} |" for name, v in reads.items()
+          if name.startswith(BACK_TO_BACK)],
+        "",
+        f"Back to back, columnar: {p50[BACK_TO_BACK + REDIS_COLUMNAR] / p50[BACK_TO_BACK + COLUMNAR]:.1f}x.",
         "",
         f"p50 speed-up of LMDB over Redis (redis-py + hiredis): **columnar {col:.1f}x** (target {RATIO_TARGET:.0f}x: "
         f"{verdict(col)}), records {rec:.1f}x ({verdict(rec)}); over the raw-socket client, the floor of any "
