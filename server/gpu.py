@@ -40,7 +40,7 @@ from recserve import kernels
 from recserve.features.spec import FeatureSpec, Field
 from recserve.server.retrieval import GOLDEN_ATOL, RetrievalModel
 
-CUPY_HINT = "pip install cupy-cuda13x (cupy-cuda12x for a CUDA 12 driver)"
+CUPY_HINT = "pip install cupy-cuda13x, or cupy-cuda12x for a CUDA 12 driver"
 # Device-side stage boundaries (events), in order; "tokens" is the host stage before them.
 DEVICE_STAGES = ("hash", "lookup", "engine", "topk", "d2h")
 
@@ -56,8 +56,10 @@ def cuda_unavailable_reason(device: int = 0) -> str | None:
         return "recserve was built without CUDA kernels (rebuild with RECSERVE_CUDA=ON, see README)"
     try:
         import cupy
-    except ImportError:
-        return f"CuPy is not installed ({CUPY_HINT})"
+    except ImportError as e:
+        if getattr(e, "name", None) == "cupy":
+            return f"CuPy is not installed: {CUPY_HINT}"
+        return f"CuPy does not import ({type(e).__name__}: {e}); reinstall it: {CUPY_HINT}"
     if info["cuda_devices"] == 0:
         return "no CUDA device is visible (no GPU, or no NVIDIA driver)"
     if device >= info["cuda_devices"]:
