@@ -4,7 +4,7 @@
 #   make demo        train on the bundled data, export, serve, query through the client, stop
 #   make bench       all benchmarks in bench/ (installs the bench extras: torch, faiss-cpu);
 #                    one at a time: make bench-kernels | bench-trainer | bench-synthetic | bench-serve
-#                    | bench-grpc-stacks | bench-features
+#                    | bench-grpc-stacks | bench-features | bench-swap
 #   make cuda-check  builds the CUDA kernels with NVIDIA's nvcc from PyPI (no GPU needed)
 #                    into a second venv and runs the kernel tests against that build
 #   make go-client   Go stubs (generated, not committed) + build/go-bin/recommend; go-client-test
@@ -24,7 +24,7 @@ CUDA_PIP := $(CUDA_PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 NATIVE_SOURCES := CMakeLists.txt pyproject.toml $(shell find csrc kernels/cuda proto -type f 2>/dev/null)
 
-.PHONY: test demo bench bench-deps bench-kernels bench-trainer bench-synthetic bench-serve bench-grpc-stacks bench-features cuda-check clean
+.PHONY: test demo bench bench-deps bench-kernels bench-trainer bench-synthetic bench-serve bench-grpc-stacks bench-features bench-swap cuda-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,7 +53,7 @@ demo: $(VENV)/.installed
 	rm -rf build/demo
 	$(PY) -m recserve.cli demo --work build/demo
 
-bench: bench-kernels bench-trainer bench-synthetic bench-serve bench-grpc-stacks bench-features
+bench: bench-kernels bench-trainer bench-synthetic bench-serve bench-swap bench-grpc-stacks bench-features
 
 bench-deps: $(VENV)/.installed
 	$(PIP) install -q --no-build-isolation -e ".[bench,trainer]"
@@ -81,6 +81,10 @@ $(TRITON_VENV)/.installed: bench/triton-requirements.txt $(VENV)/.installed
 
 bench-serve: bench-deps $(TRITON_VENV)/.installed
 	$(PY) bench/serve.py --triton-python $(TRITON_VENV)/bin/python
+
+# Recommend p50/p99 in steady state vs while a 1M-item version swaps in (bench-serve's model cache).
+bench-swap: bench-deps
+	$(PY) bench/swap.py
 
 # The bare gRPC floor (aio and sync) under this venv's grpcio and under grpcio 1.66.
 GRPC166_VENV ?= .venv-grpc166
