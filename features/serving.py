@@ -4,6 +4,7 @@
     store.check_compatible(model.spec)                    # when a model version loads
     source = StoreFeatures(store)                          # server.recommend.FeatureSource
     records = source.user_records(queries)                 # one read txn for the batch
+    records, bags = source.user_features(queries, spec)    # the same, histories as bags
 
     buckets = HistoryBuckets(spec, "history")              # per model version
     ids, offsets = buckets.bags(store.user_batch(user_ids))  # == spec.encode_field("history", ...)
@@ -18,12 +19,16 @@ front through ``push_history``, so the result stays distinct, newest first and b
 model's bucket id of an item never changes, so each code is hashed once per model version
 and a batch's history bags become one NumPy gather (no per-item Python work). Its output
 equals ``spec.encode_field`` on the same histories (tested). Requests that carry their own
-recent items need the record path (``merge_request``).
+recent items need the record path (``merge_request``). ``StoreFeatures.user_features`` takes
+the fast path for a batch whenever it can (no request in it carries recent items, and the
+model reads the stored history only through sequence fields) and the record path otherwise;
+both give the same bags.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -49,8 +54,40 @@ class StoreFeatures:
     """``FeatureSource`` backed by the store: the batch's queries (anything with
     ``user_id``, ``context`` and ``recent_items``) -> raw records, one read txn."""
 
+    # HistoryBuckets of the specs seen last (a few model versions at a time: the serving
+    # ones and those loading); keyed by id(spec), each entry holds its spec, so ids stay unique.
+    MAX_SPECS = 8
+
     def __init__(self, store: FeatureStore):
         self.store = store
+        self._lock = threading.Lock()
+        self._by_spec: OrderedDict = OrderedDict()  # id(spec) -> (spec, [(field, HistoryBuckets)] or None)
+
+    def user_features(self, queries: Sequence, spec=None) -> tuple[list[dict], dict]:
+        """(records, bags) for ``spec.encode("user", records, given=bags)``: with a spec whose
+        stored history is read only by sequence fields and a batch without request-side
+        recent items, those fields' bags by code gather and records without histories;
+        otherwise ``(user_records(queries), {})``. One read txn either way."""
+        fields = self._history_fields(spec) if spec is not None else None
+        if not fields or any(q.recent_items for q in queries):
+            return self.user_records(queries), {}
+        batch = self.store.user_batch([q.user_id for q in queries])
+        records = [{**q.context, **r} if q.context else r for r, q in zip(batch.records(history=False), queries)]
+        return records, {name: buckets.bags(batch) for name, buckets in fields}
+
+    def _history_fields(self, spec) -> list | None:
+        with self._lock:
+            entry = self._by_spec.get(id(spec))
+            if entry is None:
+                readers = [f for f in spec.side_fields("user") if f.source == HISTORY]
+                fields = ([(f.name, HistoryBuckets(spec, f.name)) for f in readers]
+                          if readers and all(f.kind == "sequence" for f in readers) else None)
+                entry = self._by_spec[id(spec)] = (spec, fields)
+                while len(self._by_spec) > self.MAX_SPECS:
+                    self._by_spec.popitem(last=False)
+            else:
+                self._by_spec.move_to_end(id(spec))
+            return entry[1]
 
     def user_records(self, queries: Sequence) -> list[dict]:
         stored = self.store.user_records([q.user_id for q in queries])

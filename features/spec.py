@@ -229,10 +229,14 @@ class FeatureSpec:
         flat = [t for tokens in per_entity for t in tokens]
         return self.hash_tokens(f, flat), offsets
 
-    def encode(self, side: str, records: Sequence[Mapping]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Records (dicts keyed by each field's ``source``) -> bags per field of ``side``."""
+    def encode(self, side: str, records: Sequence[Mapping],
+               given: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Records (dicts keyed by each field's ``source``) -> bags per field of ``side``.
+        ``given``: bags some fields already have (e.g. store histories gathered by code),
+        taken as they are; the records need not carry those fields' sources."""
+        given = given or {}
         return {
-            f.name: self.encode_field(f.name, [r.get(f.source) for r in records])
+            f.name: given[f.name] if f.name in given else self.encode_field(f.name, [r.get(f.source) for r in records])
             for f in self.side_fields(side)
         }
 

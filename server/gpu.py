@@ -236,8 +236,12 @@ class GpuRetrievalModel:
     def user_vectors(self, records: Sequence[Mapping], stages: list | None = None) -> np.ndarray:
         return self._run(records, k=None, exclude=None, stages=stages)[2]
 
+    takes_bags = False  # the device pipeline tokenises the records itself (recommend_batch)
+
     def recommend(self, records: Sequence[Mapping], k: int, exclude: Sequence[Sequence[str]] | None = None,
-                  stages: list | None = None) -> list[tuple[list[str], list[float]]]:
+                  stages: list | None = None, bags: Mapping | None = None) -> list[tuple[list[str], list[float]]]:
+        if bags:
+            raise ValueError("GpuRetrievalModel.recommend: records only (takes_bags is False)")
         scores, rows, _ = self._run(records, min(k, len(self.cpu.item_ids)), exclude, stages)
         out = []
         for s, r in zip(scores, rows):

@@ -3,7 +3,7 @@
     source = RequestFeatures()                          # the feature seam
     results = recommend_batch(model, source, queries)   # one result per query, in order
 
-Pipeline: features (``FeatureSource.user_records``) -> ``RetrievalModel``: hash ->
+Pipeline: features (``FeatureSource.user_features``) -> ``RetrievalModel``: hash ->
 embedding_bag on memory-mapped tables -> engine -> topk_inner_product with each query's
 exclusions. Each stage's start and end are recorded once per batch (``Result.stages``)
 for the per-stage metrics and trace spans. Queries of one batch may ask for different k: the batch runs at the largest
@@ -41,26 +41,33 @@ class Result:
 
 
 class FeatureSource(Protocol):
-    """Where a user's raw features come from: the request now, LMDB with the feature store."""
+    """Where a user's raw features come from: the request (``RequestFeatures``) or the
+    LMDB feature store (``features.serving.StoreFeatures``)."""
 
-    def user_records(self, queries: Sequence[Query]) -> list[dict]: ...
+    def user_features(self, queries: Sequence[Query], spec=None) -> tuple[list[dict], dict]:
+        """(records, bags): bags some of ``spec``'s user fields already have (taken as they
+        are by ``FeatureSpec.encode``), raw records (keyed by field source) for the rest.
+        No spec: every field from the records."""
+        ...
 
 
 class RequestFeatures:
     """Features carried by the request: context values, the user id, recent items."""
 
-    def user_records(self, queries: Sequence[Query]) -> list[dict]:
-        return [{**q.context, "user_id": q.user_id, HISTORY_SOURCE: list(q.recent_items)} for q in queries]
+    def user_features(self, queries: Sequence[Query], spec=None) -> tuple[list[dict], dict]:
+        return [{**q.context, "user_id": q.user_id, HISTORY_SOURCE: list(q.recent_items)} for q in queries], {}
 
 
 def recommend_batch(model: RetrievalModel, source: FeatureSource, queries: Sequence[Query]) -> list[Result]:
     t0 = time.time_ns()
-    records = source.user_records(queries)
+    # Bags from the source only for a model that encodes on the host (the GPU model
+    # tokenises records itself).
+    records, bags = source.user_features(queries, model.spec if model.takes_bags else None)
     stages = [("features", t0, time.time_ns())]
     k = max(q.k for q in queries)
     exclude = [q.exclude for q in queries] if any(q.exclude for q in queries) else None
     try:
-        ranked = model.recommend(records, k, exclude=exclude, stages=stages)
+        ranked = model.recommend(records, k, exclude=exclude, stages=stages, bags=bags)
     except FeatureValueError as e:  # e.g. a number-valued context field sent "abc"
         raise InvalidRequest(str(e)) from None
     return [Result(ids[: q.k], scores[: q.k], stages) for q, (ids, scores) in zip(queries, ranked)]

@@ -60,6 +60,7 @@ class RetrievalModel:
     item_ids: np.ndarray  # sorted ascending; row i of item_matrix is item_ids[i]
     item_matrix: np.ndarray
     _max_item_norm: float | None = None
+    takes_bags = True  # recommend(bags=...): user fields already encoded (recommend_batch)
 
     @classmethod
     def load(cls, version_dir: Path, *, backend: str = "onnx", item_dtype: str = "float32",
@@ -109,11 +110,13 @@ class RetrievalModel:
     def signature(self) -> dict:
         return self.manifest["signature"]
 
-    def user_vectors(self, records: Sequence[Mapping], stages: list | None = None) -> np.ndarray:
+    def user_vectors(self, records: Sequence[Mapping], stages: list | None = None,
+                     bags: Mapping | None = None) -> np.ndarray:
         """Raw user records (keyed by each user field's source) -> float32 [B, d]. With
-        ``stages``, appends (stage, start ns, end ns) for hash, lookup and engine."""
+        ``stages``, appends (stage, start ns, end ns) for hash, lookup and engine. ``bags``:
+        fields already encoded (``FeatureSpec.encode``'s ``given``)."""
         t0 = time.time_ns()
-        bags = self.spec.encode("user", records)
+        bags = self.spec.encode("user", records, given=bags)
         t1 = time.time_ns()
         pooled = self.spec.pool("user", bags, self.tables)
         t2 = time.time_ns()
@@ -128,8 +131,8 @@ class RetrievalModel:
         return pos[known]
 
     def recommend(self, records: Sequence[Mapping], k: int, exclude: Sequence[Sequence[str]] | None = None,
-                  stages: list | None = None) -> list[tuple[list[str], list[float]]]:
-        vectors = self.user_vectors(records, stages)
+                  stages: list | None = None, bags: Mapping | None = None) -> list[tuple[list[str], list[float]]]:
+        vectors = self.user_vectors(records, stages, bags)
         t0 = time.time_ns()
         indptr = ids = None
         if exclude is not None:

@@ -69,3 +69,48 @@ def test_store_features_without_context_or_recent_items_is_the_stored_record(tmp
         assert recs[:2] == store.user_records(["u1", "new"])
         assert recs[2] == {**store.user_records(["u1"])[0], "device": "web"}
         assert recs[0] is not recs[2]
+
+
+def test_user_features_bags_equal_the_record_path(tmp_path, clock):
+    """The columnar path (history bags by code gather, records without histories) encodes to
+    exactly what the record path encodes: hits, missing and expired users, cut histories,
+    context values; a batch with request-side recent items takes the record path."""
+    rng = np.random.default_rng(5)
+    users = [f"u{i}" for i in range(20)]
+    with FeatureStore.open(tmp_path / "s", create=True, max_history=5, clock=clock) as store:
+        store.push_events([(users[u], f"I{i}", T0, "view")
+                           for u, i in zip(rng.integers(0, 12, 300), rng.integers(0, 40, 300))])
+        clock.now = T0 + 100
+        store.push_events([("u15", "fresh", T0 + 100, "view")])
+        store.set_ttl("users", 50)  # everyone but u15 has expired
+        expired_batch = [Query("u15"), Query("u3", {"device": "web"}), Query("nobody")]
+        store.set_ttl("users", 0)
+        batches = [[Query(u, {"device": "ios"} if i % 3 else {}) for i, u in enumerate(users)] + [Query("nobody")],
+                   [Query("u1")]]
+        source = StoreFeatures(store)
+        for queries in batches:
+            records, bags = source.user_features(queries, SPEC)
+            assert set(bags) == {"history"}
+            want = SPEC.encode("user", source.user_records(queries))
+            got = SPEC.encode("user", records, given=bags)
+            assert {f: (i.tolist(), o.tolist()) for f, (i, o) in got.items()} == \
+                   {f: (i.tolist(), o.tolist()) for f, (i, o) in want.items()}
+        store.set_ttl("users", 50)
+        records, bags = source.user_features(expired_batch, SPEC)
+        assert np.diff(bags["history"][1]).tolist() == [1, 0, 0] and records[1]["device"] == "web"
+        assert store.counters()["users_expired"] >= 1
+        # Request-side recent items: the record path (merge_request), no bags.
+        records, bags = source.user_features([Query("u15", recent_items=("x",))], SPEC)
+        assert bags == {} and records[0]["history"] == ["x", "fresh"]
+
+
+def test_user_features_falls_back_to_records_for_specs_it_cannot_serve_by_code(tmp_path):
+    other = FeatureSpec(seed=7, tables=(Table("item_id", 1009, 4),),
+                        fields=(Field("last_item", "user", "categorical", "item_id", source="history"),
+                                Field("item_id", "item", "categorical", "item_id")))
+    with FeatureStore.open(tmp_path / "s", create=True) as store:
+        store.push_events([("u1", "a", T0, "view")])
+        source = StoreFeatures(store)
+        records, bags = source.user_features([Query("u1")], other)
+        assert bags == {} and records[0]["history"] == ["a"]
+        assert source.user_features([Query("u1")])[1] == {}  # no spec: records only

@@ -12,6 +12,7 @@ import pytest
 
 from recserve.clients import FeatureClient, RecommendClient
 from recserve.features.ingest import ingest_interactions
+from recserve.features.serving import HistoryBuckets
 from recserve.features.store import FeatureStore
 from recserve.server.retrieval import RetrievalModel
 from tests.server.conftest import ServerThread, metric, server_config
@@ -39,15 +40,19 @@ def store_config(repo, path, **changes):
     return replace(server_config(repo), feature_store=str(path), **changes)
 
 
-def test_recommend_reads_the_stored_history(repo, store_path):
+def test_recommend_reads_the_stored_history(repo, store_path, monkeypatch):
     offline = RetrievalModel.load(repo / "tiny/1")
     users = [stored(store_path, u) for u in ("0", "1", "17")]
     assert all(u["history"] for u in users)
+    gathered = []  # batches whose history bags came from the codes (the columnar path)
+    bags = HistoryBuckets.bags
+    monkeypatch.setattr(HistoryBuckets, "bags", lambda self, batch: gathered.append(batch.user_ids) or bags(self, batch))
     with ServerThread(store_config(repo, store_path)) as s, RecommendClient(s.target) as client:
         for u in users:
             rec = client.recommend("tiny", u["user_id"], k=5)
             expected = offline.recommend([{"user_id": u["user_id"], "history": u["history"]}], k=5)[0]
             assert rec.item_ids == expected[0]
+        assert [u["user_id"] for u in users] == [ids[0] for ids in gathered[-3:]]
         # the request's own recent items count as newer than the stored ones
         rec = client.recommend("tiny", "0", k=5, recent_items=["I005"])
         merged = ["I005"] + [i for i in users[0]["history"] if i != "I005"]

@@ -140,9 +140,9 @@ class BlockingFeatures:
         self.open = threading.Event()
         self.inner = RequestFeatures()
 
-    def user_records(self, queries):
+    def user_features(self, queries, spec=None):
         self.open.wait(10)
-        return self.inner.user_records(queries)
+        return self.inner.user_features(queries, spec)
 
 
 def test_a_full_queue_answers_resource_exhausted_at_once(repo):
