@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 RECOMMEND_SERVICE = recommend_pb2.DESCRIPTOR.services_by_name["RecommendService"].full_name
 MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 FEATURE_SERVICE = feature_service_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
+# Compute runs on the event loop thread (cheap batches, a lone request) only while that
+# thread was on a CPU for less than this share of the last window (GrpcServer._loop_has_room).
+INLINE_MAX_LOOP_BUSY = 0.6
+LOOP_BUSY_WINDOW_S = 0.02
 
 
 def _request_id(context) -> str:
@@ -65,6 +69,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # one wrapper per method, not per call
         self.in_flight = 0  # unary calls being handled
         self.streams = 0  # client streams being handled (drain waits for both to be zero)
+        # The share of wall time the event loop thread spent on a CPU over the last window
+        # of at least LOOP_BUSY_WINDOW_S, sampled as calls start (GrpcServer._loop_has_room).
+        self.loop_busy = 0.0
+        self._window = (time.perf_counter(), time.thread_time())
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -83,6 +91,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         counter = "in_flight" if handler.unary_unary else "streams"
 
         async def guarded(request, context):
+            wall = time.perf_counter()
+            if wall - self._window[0] >= LOOP_BUSY_WINDOW_S:
+                cpu = time.thread_time()  # the loop thread's: handlers run on it
+                self.loop_busy = (cpu - self._window[1]) / (wall - self._window[0])
+                self._window = (wall, cpu)
             setattr(self, counter, getattr(self, counter) + 1)
             self.idle.clear()
             try:
@@ -210,7 +223,7 @@ class RecserveServer:
         self.store = FeatureStore.open(config.feature_store) if config.feature_store else None  # StoreError: one line
         if self.store is not None:
             self.metrics.watch_feature_store(self.store.counters)
-        self.registry = ModelRegistry(config, self.executor, self.metrics, store=self.store, in_flight=self._in_flight)
+        self.registry = ModelRegistry(config, self.executor, self.metrics, store=self.store, in_flight=self._in_flight, loop_has_room=self._loop_has_room)
         # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind and
         # silently take half the connections. Only worker processes share a port.
         self.grpc = grpc.aio.server(interceptors=[self.interceptor], options=[
@@ -238,6 +251,16 @@ class RecserveServer:
     def _in_flight(self) -> int:
         """Requests being handled: unary calls, plus the extra queries of BatchRecommends."""
         return self.interceptor.in_flight + self.servicer.batch_queries
+
+    def _loop_has_room(self) -> bool:
+        """Whether compute may run on the event loop thread: only while that thread has
+        time to spare. Then a cheap batch computed in place saves two thread hand-offs. A
+        busy loop (gRPC's per-call work alone fills one core at a few thousand calls/s here)
+        needs the compute on the other core instead; worse, calls waiting in gRPC's core
+        are invisible to Python, so under load a request computing on the loop keeps the
+        next one there and each looks alone: nothing batches (measured at 64 in flight:
+        1,425 req/s with compute on the loop vs 2,012 in the executor)."""
+        return self.interceptor.loop_busy < INLINE_MAX_LOOP_BUSY
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

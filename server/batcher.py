@@ -9,8 +9,9 @@ A batch closes when it holds ``max_batch_size`` requests or when its oldest requ
 waited ``max_queue_delay_us`` since it arrived (0: never wait; requests arriving during a
 compute form the next batch). It is computed by ``run_batch(items) -> results``, once per
 batch: in the executor, off the event loop, unless batches of its size have so far cost
-at most ``inline_compute_us`` -- then on the loop thread, because the two thread hand-offs
-would cost more than the compute (costs are kept per power-of-two batch size). At most ``max_queue_size`` requests wait:
+at most ``inline_compute_us`` and the loop thread has time to spare (``loop_has_room``) --
+then on the loop thread, because the two thread hand-offs would cost more than the compute
+(costs are kept per power-of-two batch size). At most ``max_queue_size`` requests wait:
 one more is refused at once with ``QueueFull``. A request whose deadline has passed is
 dropped before compute (``DeadlineExpired``); a cancelled caller's request is skipped. If
 a batch raises, its requests are retried one by one, so one bad request fails alone.
@@ -44,13 +45,16 @@ class _Pending:
 class DynamicBatcher:
     def __init__(self, run_batch: Callable[[Sequence], Sequence], config: BatchingConfig, executor: Executor,
                  name: str = "", observe: Callable[[int, list[float], float], None] | None = None,
-                 in_flight: Callable[[], int] | None = None):
+                 in_flight: Callable[[], int] | None = None, loop_has_room: Callable[[], bool] | None = None):
         """``observe(batch size, each request's seconds in the queue, compute seconds)`` is
         called after each batch (metrics). ``in_flight()`` counts the server's requests
-        being handled: a lone request may skip the queue (see submit)."""
+        being handled: a lone request may skip the queue (see submit), a batch gives the
+        others one loop pass to join it. ``loop_has_room()``: whether the event loop thread
+        has time for cheap compute now (default: always)."""
         self._run_batch = run_batch
         self._observe = observe
         self._in_flight = in_flight
+        self._loop_has_room = loop_has_room or (lambda: True)
         self._config = config
         self._executor = executor
         self._name = name
@@ -200,7 +204,8 @@ class DynamicBatcher:
 
     def _inline(self, n: int) -> bool:
         samples = self._cost.get(n.bit_length())
-        return bool(samples) and statistics.median(samples) * 1e6 <= self._config.inline_compute_us
+        return (bool(samples) and statistics.median(samples) * 1e6 <= self._config.inline_compute_us
+                and self._loop_has_room())
 
     async def _compute(self, loop, live: list[_Pending]) -> None:
         items = [p.item for p in live]

@@ -140,17 +140,19 @@ def warm_up_batches(model: RetrievalModel | GenericModel, rounds: int = 3) -> li
 
 class ModelRegistry:
     def __init__(self, config: ServerConfig, executor: Executor, metrics: Metrics | None = None,
-                 store: FeatureStore | None = None, in_flight: Callable[[], int] | None = None):
+                 store: FeatureStore | None = None, in_flight: Callable[[], int] | None = None,
+                 loop_has_room: Callable[[], bool] | None = None):
         """``store``: the feature store the pipeline reads user features from (each version
         is checked against it when it loads); without one, features come from the request.
-        ``in_flight()``: requests the server is handling (a lone request skips the queue)."""
+        ``in_flight()``: requests the server is handling; ``loop_has_room()``: compute may
+        run on the event loop thread (DynamicBatcher)."""
         self.config = config
         if config.device == "cuda":  # this machine cannot serve on the GPU: one line, at startup
             from recserve.server.gpu import require_cuda
 
             require_cuda(config)
         self.store = store
-        self.in_flight = in_flight
+        self.in_flight, self.loop_has_room = in_flight, loop_has_room
         self.repository = Path(config.repository)
         self.executor = executor
         self.metrics = metrics or Metrics.disabled()
@@ -342,7 +344,7 @@ class ModelRegistry:
             self.metrics.batch(name, version, size, queued, compute)
 
         batcher = DynamicBatcher(run, self.config.batching, self.executor, name=f"{name}/{version}", observe=observe,
-                                 in_flight=self.in_flight)
+                                 in_flight=self.in_flight, loop_has_room=self.loop_has_room)
         batcher.start()
         return ServedVersion(name, version, model, batcher)
 

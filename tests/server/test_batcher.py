@@ -191,6 +191,13 @@ def test_measured_cheap_batches_run_on_the_loop_thread_and_costly_ones_in_the_ex
         assert cheap.threads[-1][1] == loop_thread and b.inline_batches == 1
         await b.close()
 
+        busy_loop = DynamicBatcher(cheap, BatchingConfig(inline_compute_us=5000), ThreadPoolExecutor(1), name="m/3",
+                                   in_flight=lambda: 1, loop_has_room=lambda: False)
+        busy_loop.warm_up([["w"]])
+        assert await busy_loop.submit("x") == "done x"  # cheap, but the loop has no time to spare
+        assert cheap.threads[-1][1] != loop_thread and busy_loop.inline_batches == 0
+        await busy_loop.close()
+
         costly = Costly(cheap_up_to=0)
         b = DynamicBatcher(costly, BatchingConfig(inline_compute_us=5000), ThreadPoolExecutor(1), name="m/2")
         b.warm_up([["w"]])  # 20 ms: over the 5 ms budget

@@ -80,6 +80,38 @@ def test_default_batching_computes_cheap_batches_inline_and_still_batches_under_
         assert batcher.batches - batches_before < 64  # 64 queries known at once are batched
 
 
+def test_the_interceptor_measures_how_busy_the_event_loop_thread_is():
+    """Compute moves off the event loop when the loop has no time to spare (under load,
+    gRPC's per-call work fills it and calls waiting in gRPC's core are invisible to
+    Python): the interceptor samples the loop thread's CPU share as calls start."""
+    import asyncio
+
+    from recserve.server.app import LOOP_BUSY_WINDOW_S, ErrorInterceptor
+
+    async def main():
+        interceptor = ErrorInterceptor()
+
+        async def behavior(request, context):
+            if request == "spin":  # a call that keeps the loop thread on the CPU
+                end = time.perf_counter() + 2 * LOOP_BUSY_WINDOW_S
+                while time.perf_counter() < end:
+                    pass
+            return request
+
+        call = interceptor._wrap(grpc.unary_unary_rpc_method_handler(behavior), "/m").unary_unary
+        busy = []
+        for request in ("spin", "next", "wait", "after"):
+            if request == "wait":
+                await asyncio.sleep(4 * LOOP_BUSY_WINDOW_S)
+            await call(request, None)
+            busy.append(interceptor.loop_busy)
+        return busy
+
+    busy = asyncio.run(main())
+    assert busy[1] > 0.6  # the window held the spinning call
+    assert busy[3] < 0.6  # mostly asleep since
+
+
 @pytest.mark.parametrize(
     "kwargs, code, message",
     [
