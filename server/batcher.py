@@ -188,11 +188,17 @@ class DynamicBatcher:
                         if not p.future.done():
                             p.future.set_exception(NotReady(f"{self._name} stopped while computing; retry"))
 
-    def warm_up(self, batches: Sequence[list]) -> None:
+    def warm_up(self, batches: Sequence[list], rounds: int = 3) -> None:
         """Run sample batches (blocking; before serving, off the loop) so that the cost of
-        their sizes is known from the first request on."""
-        for items in batches:
-            self._timed(items)
+        their sizes is known from the first request on: up to ``rounds`` times, fewer once
+        every size costs over twice ``inline_compute_us`` (more samples cannot change where
+        they run, and a large model's warm-up competes with the version serving now)."""
+        for _ in range(rounds):
+            for items in batches:
+                self._timed(items)
+            sizes = {len(items).bit_length() for items in batches}
+            if all(min(self._cost[s]) * 1e6 > 2 * self._config.inline_compute_us for s in sizes):
+                return
 
     def _timed(self, items: list) -> Sequence:
         """run_batch, its cost recorded for the batch's size bucket."""

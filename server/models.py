@@ -118,15 +118,22 @@ class ModelEntry:
 
 
 def _lower_priority() -> None:
+    """The loader thread's initializer: a lower CPU priority, and one thread for the kernels
+    it calls (golden check, warm-up): a new version's top-k over its items would otherwise
+    take both cores' memory bandwidth from the serving top-k while it is verified."""
+    from recserve import _C
+
+    _C._set_calling_thread_limit(1)
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)  # this thread only (Linux)
     except (AttributeError, OSError):
         pass
 
 
-def warm_up_batches(model: RetrievalModel | GenericModel, rounds: int = 3) -> list[list[Query]]:
-    """The manifest's golden requests as queries: each alone, then all together, a few
-    times (touches the mmap'd pages and measures what batches of these sizes cost)."""
+def warm_up_batches(model: RetrievalModel | GenericModel) -> list[list[Query]]:
+    """The manifest's golden requests as queries: each alone, then all together (one round
+    of DynamicBatcher.warm_up: touches the mmap'd pages and measures what batches of these
+    sizes cost)."""
     queries = []
     if isinstance(model, GenericModel):  # its golden requests were its warm-up (check_golden)
         return []
@@ -135,7 +142,7 @@ def warm_up_batches(model: RetrievalModel | GenericModel, rounds: int = 3) -> li
         user_id, history = str(record.pop("user_id", "") or "warm-up"), record.pop(HISTORY_SOURCE, None) or ()
         queries.append(Query(user_id=user_id, k=int(g["k"]), context={k: str(v) for k, v in record.items()},
                              recent_items=tuple(history)))
-    return [batch for _ in range(rounds) for batch in ([[q] for q in queries] + ([queries] if queries else []))]
+    return [[q] for q in queries] + ([queries] if queries else [])
 
 
 class ModelRegistry:

@@ -239,5 +239,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_isa", &recserve::cpu::set_isa, py::arg("name"));
   m.def("_isa", [] { return std::string(recserve::cpu::simd().name); });
   m.def("_topk_bf16_filtered_tiles", &recserve::cpu::topk_bf16_filtered_tiles);
+  // Server hook: kernels called from this thread use at most n threads (the model loader).
+  m.def("_set_calling_thread_limit", &recserve::cpu::set_calling_thread_limit, py::arg("n"));
+  m.def("_calling_thread_limit", &recserve::cpu::max_threads);
   m.def("_topk_bf16_filter", &topk_bf16_filter_py, py::arg("queries"), py::arg("items"), py::arg("thresholds"));
 }

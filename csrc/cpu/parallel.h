@@ -20,6 +20,17 @@ inline int max_threads() {
 #endif
 }
 
+// Cap the threads of kernels called from the calling thread (OpenMP's per-thread
+// nthreads ICV; other threads keep theirs). The server's model loader uses 1 so that
+// verifying a new version leaves the serving threads the cores.
+inline void set_calling_thread_limit(int n) {
+#if defined(_OPENMP)
+  omp_set_num_threads(std::max(n, 1));
+#else
+  (void)n;
+#endif
+}
+
 inline int thread_id() {
 #if defined(_OPENMP)
   return omp_get_thread_num();

@@ -237,3 +237,12 @@ def test_with_company_cheap_requests_still_batch_on_the_loop_thread():
         await b.close()
 
     run(main())
+
+
+def test_warm_up_stops_after_one_round_once_every_size_is_clearly_too_costly_for_the_loop():
+    costly, cheap = Costly(cheap_up_to=0), Costly(cheap_up_to=64)
+    config = BatchingConfig(inline_compute_us=5000)
+    DynamicBatcher(costly, config, ThreadPoolExecutor(1)).warm_up([["w"], ["w", "w"]])  # 20 ms > 2 x 5 ms
+    DynamicBatcher(cheap, config, ThreadPoolExecutor(1)).warm_up([["w"], ["w", "w"]])
+    assert len(costly.threads) == 2  # one round
+    assert len(cheap.threads) == 6  # three rounds: the median decides where they run

@@ -334,3 +334,26 @@ def test_models_cli_lists_loads_and_explains_errors(fresh_repo, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_the_loader_thread_runs_kernels_on_one_thread_at_a_lower_priority():
+    """Verifying a new version (golden top-k, warm-up) must leave the serving path the cores."""
+    import os
+    import threading
+
+    from recserve import _C
+    from recserve.server.models import LOADER_NICE, _lower_priority
+
+    seen = {}
+
+    def loader():
+        _lower_priority()
+        seen["threads"] = _C._calling_thread_limit()
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = _C._calling_thread_limit()
+    t = threading.Thread(target=loader)
+    t.start()
+    t.join()
+    assert seen["threads"] == 1 and seen["nice"] >= LOADER_NICE
+    assert _C._calling_thread_limit() == before  # this thread keeps its limit
