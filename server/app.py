@@ -48,7 +48,7 @@ RECOMMEND_SERVICE = recommend_pb2.DESCRIPTOR.services_by_name["RecommendService"
 MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 FEATURE_SERVICE = feature_service_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
 # Compute runs on the event loop thread (cheap batches, a lone request) only while that
-# thread was on a CPU for less than this share of the last window (GrpcServer._loop_has_room).
+# thread was on a CPU for less than this share of the last window (RecserveServer._loop_has_room).
 INLINE_MAX_LOOP_BUSY = 0.6
 LOOP_BUSY_WINDOW_S = 0.02
 
@@ -70,7 +70,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self.in_flight = 0  # unary calls being handled
         self.streams = 0  # client streams being handled (drain waits for both to be zero)
         # The share of wall time the event loop thread spent on a CPU over the last window
-        # of at least LOOP_BUSY_WINDOW_S, sampled as calls start (GrpcServer._loop_has_room).
+        # of at least LOOP_BUSY_WINDOW_S, sampled as calls start (RecserveServer._loop_has_room).
         self.loop_busy = 0.0
         self._window = (time.perf_counter(), time.thread_time())
         self.idle = asyncio.Event()
@@ -223,7 +223,8 @@ class RecserveServer:
         self.store = FeatureStore.open(config.feature_store) if config.feature_store else None  # StoreError: one line
         if self.store is not None:
             self.metrics.watch_feature_store(self.store.counters)
-        self.registry = ModelRegistry(config, self.executor, self.metrics, store=self.store, in_flight=self._in_flight, loop_has_room=self._loop_has_room)
+        self.registry = ModelRegistry(config, self.executor, self.metrics, store=self.store,
+                                      in_flight=self._in_flight, loop_has_room=self._loop_has_room)
         # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind and
         # silently take half the connections. Only worker processes share a port.
         self.grpc = grpc.aio.server(interceptors=[self.interceptor], options=[
