@@ -137,8 +137,19 @@ def run(args) -> str:
     for name, lat in (("steady state", steady), ("during swaps", swap)):
         lines.append(f"| {name} | {len(lat):,} | {np.percentile(lat, 50):.2f} | {np.percentile(lat, 95):.2f} | "
                      f"{np.percentile(lat, 99):.2f} | {lat.max():.2f} |")
+    # Where in a window the slow requests fall (started after the rename, latency over the
+    # steady p99), and which version answered them: loading (old) or just switched (new).
+    slow_p99 = np.percentile(steady, 99)
+    timeline = []
+    for v, (a, b) in zip(range(2, args.swaps + 2), windows):
+        sel = in_swap & (samples[:, 0] >= a) & (samples[:, 0] <= b) & (samples[:, 1] * 1e3 > slow_p99)
+        starts, new = samples[sel, 0] - a, samples[sel, 2] == v
+        timeline.append(f"v{v}: {sel.sum()} ({(~new).sum()} old, {new.sum()} new)"
+                        + (f" at {starts.min():.1f}-{starts.max():.1f} s" if sel.any() else ""))
     lines += ["", f"- swap windows (rename -> old version unloaded): "
                   f"{', '.join(f'{d:.1f} s' for d in durations)}",
+              f"- requests over the steady p99 in each window (answered by the old / new version; "
+              f"start times after the rename): {'; '.join(timeline)}",
               f"- versions answered: {sorted({int(v) for v in samples[:, 2] if v})}; errors: {len(errors)}"
               + (f" ({errors[0][3]})" if errors else ""),
               f"- p99 during swaps / steady p99 = {ratio:.2f}x (target <= 1.5x with zero errors: "
