@@ -230,7 +230,8 @@ class FeatureSpec:
         return self.hash_tokens(f, flat), offsets
 
     def encode(self, side: str, records: Sequence[Mapping],
-               given: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+               given: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None
+               ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Records (dicts keyed by each field's ``source``) -> bags per field of ``side``.
         ``given``: bags some fields already have (e.g. store histories gathered by code),
         taken as they are; the records need not carry those fields' sources."""

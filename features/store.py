@@ -160,15 +160,13 @@ class UserBatch:
 
     def records(self, history: bool = True) -> list[dict]:
         """Raw records keyed by field source (what ``FeatureSpec.encode`` reads).
-        ``history=False`` leaves found users' histories out (their bags come from the
-        codes: ``features.serving.HistoryBuckets``), which saves turning codes into ids."""
+        ``history=False``: found users' histories are None, not decoded (their bags come
+        from the codes: ``features.serving.HistoryBuckets``), which saves turning codes
+        into ids."""
         b, codes, off = len(self.user_ids), self.history_codes, self.history_offsets
         if not history:
-            rows = zip(self.user_ids, self.event_count.tolist(), self.last_seen.tolist(),
-                       self.updated_at.tolist(), self.found.tolist())
-            return [{"user_id": u, EVENT_COUNT: n, LAST_SEEN: last, "updated_at": t} if ok else cold_start(u)
-                    for u, n, last, t, ok in rows]
-        if not len(codes):
+            hists = [None] * b
+        elif not len(codes):
             hists = [[] for _ in range(b)]
         else:
             lens = np.diff(off)

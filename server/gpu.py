@@ -179,6 +179,8 @@ class GpuRetrievalModel:
     """A ``RetrievalModel`` resident on a GPU. Everything not overridden here (manifest, spec,
     item ids, the host engine KServe's ModelInfer uses, ...) is the CPU model's."""
 
+    takes_bags = False  # the device pipeline tokenises the records itself (recommend_batch)
+
     def __init__(self, cpu: RetrievalModel, device: int, engine, stream, tables: dict, items):
         self.cpu = cpu
         self.device_index = device
@@ -235,8 +237,6 @@ class GpuRetrievalModel:
 
     def user_vectors(self, records: Sequence[Mapping], stages: list | None = None) -> np.ndarray:
         return self._run(records, k=None, exclude=None, stages=stages)[2]
-
-    takes_bags = False  # the device pipeline tokenises the records itself (recommend_batch)
 
     def recommend(self, records: Sequence[Mapping], k: int, exclude: Sequence[Sequence[str]] | None = None,
                   stages: list | None = None, bags: Mapping | None = None) -> list[tuple[list[str], list[float]]]:

@@ -46,7 +46,8 @@ def test_recommend_reads_the_stored_history(repo, store_path, monkeypatch):
     assert all(u["history"] for u in users)
     gathered = []  # batches whose history bags came from the codes (the columnar path)
     bags = HistoryBuckets.bags
-    monkeypatch.setattr(HistoryBuckets, "bags", lambda self, batch: gathered.append(batch.user_ids) or bags(self, batch))
+    monkeypatch.setattr(HistoryBuckets, "bags",
+                        lambda self, batch: gathered.append(batch.user_ids) or bags(self, batch))
     with ServerThread(store_config(repo, store_path)) as s, RecommendClient(s.target) as client:
         for u in users:
             rec = client.recommend("tiny", u["user_id"], k=5)
