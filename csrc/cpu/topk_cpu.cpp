@@ -38,6 +38,7 @@ constexpr float kPosInf = std::numeric_limits<float>::infinity();
 // A tile where more than 1 row in this many passes the bfloat16 filter (heaps still
 // filling, or scores packed closer than the bound) is scored in float32 directly.
 constexpr int64_t kBf16MaxPassFraction = 4;
+constexpr int64_t kBf16MaxBackoffTiles = 16;  // after misses, the filter is retried at least this often
 std::atomic<int64_t> g_bf16_tiles{0};
 
 // float32 -> bfloat16 bits, round to nearest even (what VCVTNE2PS2BF16 does for normal
@@ -94,9 +95,17 @@ class RunningTopK {
       heap_.push_back(e);
       std::push_heap(heap_.begin(), heap_.end(), better);
     } else if (better(e, heap_[0])) {
-      std::pop_heap(heap_.begin(), heap_.end(), better);
-      heap_.back() = e;
-      std::push_heap(heap_.begin(), heap_.end(), better);
+      // Replace the root and sift it down: one pass, where pop_heap + push_heap take two
+      // (the heap work dominates a batch over a small catalogue while thresholds rise).
+      const size_t n = heap_.size();
+      size_t i = 0;
+      for (size_t c = 1; c < n; c = 2 * i + 1) {
+        if (c + 1 < n && better(heap_[c], heap_[c + 1])) ++c;  // the worse child
+        if (!better(e, heap_[c])) break;
+        heap_[i] = heap_[c];
+        i = c;
+      }
+      heap_[i] = e;
     }
   }
   const std::vector<Entry>& entries() const { return heap_; }
@@ -196,8 +205,21 @@ class LaneScorer {
   // Rows x + i * ldx, i < n, of float32 or (half) binary16 items.
   int64_t score(const void* x, int64_t ldx, int64_t n, const float* thr) {
     int64_t np = -1;
-    if (qb_.bf16) np = filter(x, ldx, n, thr);
-    if (np < 0 || np * kBf16MaxPassFraction > n) {  // score the whole tile
+    if (qb_.bf16 && skip_ > 0) {
+      --skip_;
+    } else if (qb_.bf16) {
+      np = filter(x, ldx, n, thr);
+      if (np * kBf16MaxPassFraction > n) {
+        // Filtered in vain (thresholds still low against this catalogue's scores): skip
+        // the filter for the next tiles, twice as many after each miss.
+        backoff_ = std::min<int64_t>(2 * backoff_ + 1, kBf16MaxBackoffTiles);
+        skip_ = backoff_;
+        np = -1;
+      } else if (np >= 0) {
+        backoff_ = 0;
+      }
+    }
+    if (np < 0) {  // score the whole tile
       const float* rows = half_ ? widen(x, ldx, 0, n) : static_cast<const float*>(x);
       return sk_.score_tile_lanes(qb_.qt.data(), qb_.w, thr, rows, half_ ? d_ : ldx, n, d_, scores_.data(),
                                   hits_.data());
@@ -252,6 +274,7 @@ class LaneScorer {
   std::vector<uint32_t> xb_;
   std::vector<float> thr_lo_;
   std::vector<int32_t> passed_;
+  int64_t skip_ = 0, backoff_ = 0;  // tiles to score without the filter; the current backoff
 };
 
 }  // namespace
@@ -362,12 +385,16 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
             const int64_t nh = lanes_scorer->score(x, ldx, n, thr.data());
             const float* sc = lanes_scorer->scores();
             const int32_t* hit = lanes_scorer->hits();
+            // thr[l] tracks my[l].threshold(): the dense array, not one heap per query, is
+            // what each hit row is compared against.
             for (int64_t h = 0; h < nh; ++h) {
               const int64_t i = hit[h];
+              const float* row = sc + i * qb.w;
               for (int64_t l = 0; l < nq; ++l) {
-                RunningTopK& heap = my[l];
-                const float s = sc[size_t(i * qb.w + l)];
-                if (s > heap.threshold() && !excl.excluded(q0 + l, start + i)) heap.push(s, start + i);
+                if (row[l] > thr[l] && !excl.excluded(q0 + l, start + i)) {
+                  my[l].push(row[l], start + i);
+                  thr[l] = my[l].threshold();
+                }
               }
             }
           } else {
