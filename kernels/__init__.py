@@ -8,6 +8,8 @@ Usage::
     ids = kernels.hash_features(["user_id=42", "country=NL"], seed=0, num_buckets=1 << 20)
     pooled = kernels.embedding_bag(table, ids, np.array([0, 2]), mode="sum")   # float32[1, d]
     scores, item_ids = kernels.topk_inner_product(pooled, items, k=100)
+    served = kernels.prepare_items(items)          # once, for a matrix searched many times
+    scores, item_ids = kernels.topk_inner_product(pooled, served, k=100)   # same result
 
 Every op takes NumPy arrays (computed by recserve._C on all cores, GIL released) or,
 when recserve was built with CUDA, CuPy arrays / torch CUDA tensors (computed on
@@ -29,6 +31,7 @@ __all__ = [
     "hash_features",
     "embedding_bag",
     "topk_inner_product",
+    "prepare_items",
     "build_info",
 ]
 
@@ -124,7 +127,11 @@ def topk_inner_product(queries, items, k: int, *, exclude_indptr=None, exclude_i
     (see ``embedding_bag``); on CUDA arrays the op then never synchronises.
     """
     _check_validate("topk_inner_product", validate)
-    if _on_cuda("topk_inner_product", queries=queries, items=items,
+    if isinstance(items, _C.PreparedItems):
+        if _on_cuda("topk_inner_product", queries=queries, exclude_indptr=exclude_indptr, exclude_ids=exclude_ids):
+            raise ValueError("topk_inner_product: the prepared items are on the host but queries are CUDA "
+                             "arrays; pass all arrays on the same device")
+    elif _on_cuda("topk_inner_product", queries=queries, items=items,
                 exclude_indptr=exclude_indptr, exclude_ids=exclude_ids):
         from recserve.kernels import _cuda
 
@@ -132,6 +139,21 @@ def topk_inner_product(queries, items, k: int, *, exclude_indptr=None, exclude_i
                                         exclude_ids=exclude_ids, validate=bool(validate))
     return _C.topk_inner_product(queries, items, k, exclude_indptr=exclude_indptr,
                                  exclude_ids=exclude_ids)
+
+
+def prepare_items(items):
+    """``items`` made ready for many ``topk_inner_product`` calls (a served model's item
+    matrix): pass the result as their ``items``; results are the same bits.
+
+    On a CPU whose top-k uses the bfloat16 pre-filter (AVX512_BF16) this makes the
+    filter's bfloat16 rows once (half the float32 matrix's bytes, ``.nbytes``) instead of
+    converting every tile in every call, which saves about a fifth of a large batch's
+    time. Elsewhere it holds the items as they are (``.bfloat16`` says which). The items
+    must not change afterwards. CUDA arrays are returned unchanged.
+    """
+    if _on_cuda("prepare_items", items=items):
+        return items
+    return _C.prepare_items(items)
 
 
 def build_info() -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 import time
 from pathlib import Path
 
@@ -106,6 +107,13 @@ class RetrievalModel:
             raise RepositoryError(f"{version_dir}: {len(item_ids)} item ids but {len(item_matrix)} item rows")
         return cls(version_dir, manifest, spec, tables, engine, item_ids, item_matrix)
 
+    @cached_property
+    def search_items(self):
+        """The item matrix as top-k searches it: ``kernels.prepare_items`` (the bfloat16
+        pre-filter's rows made once per version, not in every batch), made on first use --
+        the golden check at load, so never in a request. Results equal the plain matrix's."""
+        return kernels.prepare_items(self.item_matrix)
+
     @property
     def signature(self) -> dict:
         return self.manifest["signature"]
@@ -141,7 +149,7 @@ class RetrievalModel:
             np.cumsum([len(r) for r in rows], out=indptr[1:])
             ids = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         scores, rows = kernels.topk_inner_product(
-            vectors, self.item_matrix, min(k, len(self.item_ids)), exclude_indptr=indptr, exclude_ids=ids
+            vectors, self.search_items, min(k, len(self.item_ids)), exclude_indptr=indptr, exclude_ids=ids
         )
         out = []
         for s, r in zip(scores, rows):

@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -169,11 +170,42 @@ py::array_t<float> embedding_bag_py(const py::object& table, const py::object& i
   return out;
 }
 
+// kernels.prepare_items: an item matrix with the top-k's bfloat16 form made once.
+struct PreparedItems {
+  py::array items;  // rows contiguous; must not change while prepared
+  std::shared_ptr<const cpu::Bf16Items> bf16;
+};
+
+PreparedItems prepare_items_py(const py::object& items) {
+  const char* op = "prepare_items";
+  py::array it = rows_contiguous(as_numpy(items, op, "items"));
+  const TensorView iv = host_view(it);
+  check_topk_items(op, iv);
+  PreparedItems p{it, nullptr};
+  {
+    py::gil_scoped_release nogil;
+    p.bf16 = cpu::topk_prepare_bf16(iv);
+  }
+  return p;
+}
+
+// The items of a top-k call as an array; a PreparedItems also gives its bfloat16 form.
+py::array topk_items(const py::object& items, const char* op, const cpu::Bf16Items*& prepared) {
+  if (py::isinstance<PreparedItems>(items)) {
+    const auto& p = items.cast<const PreparedItems&>();
+    prepared = p.bf16.get();
+    return p.items;
+  }
+  prepared = nullptr;
+  return rows_contiguous(as_numpy(items, op, "items"));
+}
+
 py::tuple topk_py(const py::object& queries, const py::object& items, int64_t k,
                   const py::object& exclude_indptr, const py::object& exclude_ids) {
   const char* op = "topk_inner_product";
   py::array q = contiguous(as_numpy(queries, op, "queries"));
-  py::array it = rows_contiguous(as_numpy(items, op, "items"));
+  const cpu::Bf16Items* prepared = nullptr;
+  py::array it = topk_items(items, op, prepared);
   py::array ei, ej;
   const TensorView qv = host_view(q), iv = host_view(it);
   const TensorView eiv = optional_view(exclude_indptr, op, "exclude_indptr", ei);
@@ -184,7 +216,7 @@ py::tuple topk_py(const py::object& queries, const py::object& items, int64_t k,
   const TensorView sv = host_view(scores), idv = host_view(ids);
   {
     py::gil_scoped_release nogil;
-    cpu::topk_inner_product(qv, iv, k, eiv, ejv, sv, idv);
+    cpu::topk_inner_product(qv, iv, k, eiv, ejv, sv, idv, prepared);
   }
   return py::make_tuple(scores, ids);
 }
@@ -194,7 +226,8 @@ py::array_t<int64_t> topk_bf16_filter_py(const py::object& queries, const py::ob
                                          const py::object& thresholds) {
   const char* op = "topk_inner_product";
   py::array q = contiguous(as_numpy(queries, op, "queries"));
-  py::array it = rows_contiguous(as_numpy(items, op, "items"));
+  const cpu::Bf16Items* prepared = nullptr;
+  py::array it = topk_items(items, op, prepared);
   py::array_t<float, py::array::c_style | py::array::forcecast> t(thresholds);
   const TensorView qv = host_view(q), iv = host_view(it);
   check_topk(qv, iv, 1, TensorView{}, TensorView{});
@@ -202,7 +235,7 @@ py::array_t<int64_t> topk_bf16_filter_py(const py::object& queries, const py::ob
   std::vector<int64_t> rows;
   {
     py::gil_scoped_release nogil;
-    rows = cpu::topk_bf16_filter_rows(qv, iv, t.data());
+    rows = cpu::topk_bf16_filter_rows(qv, iv, t.data(), prepared);
   }
   return py::array_t<int64_t>(py::ssize_t(rows.size()), rows.data());
 }
@@ -234,6 +267,13 @@ PYBIND11_MODULE(_C, m) {
         py::kw_only(), py::arg("mode") = "sum", py::arg("weights") = py::none());
   m.def("topk_inner_product", &topk_py, py::arg("queries"), py::arg("items"), py::arg("k"),
         py::kw_only(), py::arg("exclude_indptr") = py::none(), py::arg("exclude_ids") = py::none());
+  py::class_<PreparedItems>(m, "PreparedItems", "An item matrix prepared for many top-k calls (kernels.prepare_items).")
+      .def_readonly("items", &PreparedItems::items)
+      .def_property_readonly("bfloat16", [](const PreparedItems& p) { return p.bf16 != nullptr; })
+      .def_property_readonly("nbytes", [](const PreparedItems& p) {  // beyond the items themselves
+        return p.bf16 ? int64_t(p.bf16->rows.size() * 4 + p.bf16->tile_norms.size() * 4) : int64_t(0);
+      });
+  m.def("prepare_items", &prepare_items_py, py::arg("items"));
   m.def("build_info", &build_info_py);
   // Test/benchmark hooks: run the CPU kernels with a lower ISA than the best.
   m.def("_set_isa", &recserve::cpu::set_isa, py::arg("name"));

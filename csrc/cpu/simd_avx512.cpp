@@ -307,6 +307,9 @@ RS_AVX512BF16 inline void bf16_pass(const uint32_t* qt2, int64_t w, int64_t l0, 
   for (int g = 0; g < G; ++g) t[g] = _mm512_loadu_ps(thr_lo + l0 + g * kLanes);
   int64_t i = 0;
   for (; i + R <= n; i += R) bf16_block<R, G>(qt2, w, l0, t, xb, dp, i, flags);
+  // A 128-row tile leaves 8 rows after blocks of 12: in fours, not one by one (a lone
+  // row's accumulator chain waits on each dot product's latency).
+  for (; i + 4 <= n; i += 4) bf16_block<4, G>(qt2, w, l0, t, xb, dp, i, flags);
   for (; i < n; ++i) bf16_block<1, G>(qt2, w, l0, t, xb, dp, i, flags);
 }
 

@@ -12,6 +12,8 @@
 // proven bound of its float32 score, so a row whose bfloat16 score cannot beat the
 // heap threshold minus that bound cannot enter the heap; the few rows that can are
 // rescored with the float32 kernel. Results are bit-identical to the float32 path.
+// A matrix searched many times can have its bfloat16 form made once
+// (topk_prepare_bf16): calls then read those rows instead of converting each tile.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -192,23 +194,25 @@ struct QueryBlock {
 // as without the filter.
 class LaneScorer {
  public:
-  LaneScorer(const SimdKernels& sk, const QueryBlock& qb, const Bf16Bound& bound, int64_t d, bool half)
-      : sk_(sk), qb_(qb), bound_(bound), d_(d), dp_((d + 1) / 2), half_(half),
+  LaneScorer(const SimdKernels& sk, const QueryBlock& qb, const Bf16Bound& bound, int64_t d, bool half,
+             const Bf16Items* prepared)
+      : sk_(sk), qb_(qb), bound_(bound), prepared_(prepared), d_(d), dp_((d + 1) / 2), half_(half),
         widened_(half ? size_t(kTile * d) : 0), scores_(size_t(kTile * qb.w)), hits_(size_t(kTile)),
-        xb_(qb.bf16 ? size_t(kTile * dp_) : 0), thr_lo_(qb.bf16 ? size_t(qb.w) : 0),
+        xb_(qb.bf16 && prepared == nullptr ? size_t(kTile * dp_) : 0), thr_lo_(qb.bf16 ? size_t(qb.w) : 0),
         passed_(qb.bf16 ? size_t(kTile) : 0) {}
 
   const float* scores() const { return scores_.data(); }
   const int32_t* hits() const { return hits_.data(); }
   const int32_t* passed() const { return passed_.data(); }
 
-  // Rows x + i * ldx, i < n, of float32 or (half) binary16 items.
-  int64_t score(const void* x, int64_t ldx, int64_t n, const float* thr) {
+  // Rows x + i * ldx, i < n, of float32 or (half) binary16 items; x is row `start` (a
+  // multiple of kTile) of the matrix.
+  int64_t score(const void* x, int64_t start, int64_t ldx, int64_t n, const float* thr) {
     int64_t np = -1;
     if (qb_.bf16 && skip_ > 0) {
       --skip_;
     } else if (qb_.bf16) {
-      np = filter(x, ldx, n, thr);
+      np = filter(x, start, ldx, n, thr);
       if (np * kBf16MaxPassFraction > n) {
         // Filtered in vain (thresholds still low against this catalogue's scores): skip
         // the filter for the next tiles, twice as many after each miss.
@@ -239,10 +243,17 @@ class LaneScorer {
   // Rows that pass the bfloat16 filter (into passed_), or -1 when it cannot be used
   // for this tile: some heap is not full yet (its threshold is -inf) or some row has
   // a non-finite norm.
-  int64_t filter(const void* x, int64_t ldx, int64_t n, const float* thr) {
+  int64_t filter(const void* x, int64_t start, int64_t ldx, int64_t n, const float* thr) {
     for (int64_t l = 0; l < qb_.nq; ++l)
       if (thr[l] == kNegInf) return -1;
-    const float max_norm = sk_.to_bf16_rows(x, half_, ldx, n, d_, xb_.data());
+    const uint32_t* xb = xb_.data();
+    float max_norm;
+    if (prepared_ != nullptr) {
+      xb = prepared_->rows.data() + start * dp_;
+      max_norm = prepared_->tile_norms[size_t(start / kTile)];
+    } else {
+      max_norm = sk_.to_bf16_rows(x, half_, ldx, n, d_, xb_.data());
+    }
     if (!std::isfinite(max_norm)) return -1;
     for (int64_t l = 0; l < qb_.w; ++l) {
       if (l >= qb_.nq) {
@@ -253,7 +264,7 @@ class LaneScorer {
       const double slack = bound_.rel * q * max_norm + bound_.abs * (1.0 + q + max_norm);
       thr_lo_[size_t(l)] = std::nextafter(float(double(thr[l]) - slack), kNegInf);  // rounded down
     }
-    return sk_.prefilter_lanes_bf16(qb_.qt2.data(), qb_.w, thr_lo_.data(), xb_.data(), n, dp_, passed_.data());
+    return sk_.prefilter_lanes_bf16(qb_.qt2.data(), qb_.w, thr_lo_.data(), xb, n, dp_, passed_.data());
   }
 
  private:
@@ -267,6 +278,7 @@ class LaneScorer {
   const SimdKernels& sk_;
   const QueryBlock& qb_;
   const Bf16Bound& bound_;
+  const Bf16Items* prepared_;
   const int64_t d_, dp_;
   const bool half_;
   std::vector<float> widened_, scores_;
@@ -277,12 +289,43 @@ class LaneScorer {
   int64_t skip_ = 0, backoff_ = 0;  // tiles to score without the filter; the current backoff
 };
 
+// The prepared form serves while the selected ISA has the filter (tests switch ISAs),
+// and only for the items it was made from.
+const Bf16Items* usable(const Bf16Items* prepared, const SimdKernels& sk, const TensorView& items) {
+  if (prepared == nullptr || sk.prefilter_lanes_bf16 == nullptr) return nullptr;
+  if (prepared->num_items != items.shape[0] || prepared->d != items.shape[1])
+    arg_error(kOp, "the prepared items are [", prepared->num_items, ", ", prepared->d, "], not the items' shape");
+  return prepared;
+}
+
 }  // namespace
 
 int64_t topk_bf16_filtered_tiles() { return g_bf16_tiles.load(); }
 
+std::shared_ptr<const Bf16Items> topk_prepare_bf16(const TensorView& items) {
+  const SimdKernels& sk = simd();
+  if (sk.to_bf16_rows == nullptr) return nullptr;
+  auto out = std::make_shared<Bf16Items>();
+  const int64_t n = items.shape[0], d = items.shape[1], dp = (d + 1) / 2, ldx = items.stride[0];
+  const bool half = items.dtype == DType::f16;
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  out->num_items = n;
+  out->d = d;
+  out->rows.resize(size_t(n * dp));
+  out->tile_norms.resize(size_t(tiles));
+  // Tile by tile, exactly as a call would convert them.
+#pragma omp parallel for num_threads(threads_for(n * d, kMinMacsPerThread)) schedule(static)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t start = t * kTile, rows = std::min(kTile, n - start);
+    const void* x = half ? static_cast<const void*>(items.ptr<uint16_t>() + start * ldx)
+                         : static_cast<const void*>(items.ptr<float>() + start * ldx);
+    out->tile_norms[size_t(t)] = sk.to_bf16_rows(x, half, ldx, rows, d, out->rows.data() + start * dp);
+  }
+  return out;
+}
+
 std::vector<int64_t> topk_bf16_filter_rows(const TensorView& queries, const TensorView& items,
-                                           const float* thr) {
+                                           const float* thr, const Bf16Items* prepared) {
   const SimdKernels& sk = simd();
   const int64_t nq = queries.shape[0], d = queries.shape[1], ldx = items.stride[0];
   if (sk.prefilter_lanes_bf16 == nullptr) arg_error(kOp, "the bfloat16 filter needs the avx512bf16 ISA");
@@ -294,7 +337,7 @@ std::vector<int64_t> topk_bf16_filter_rows(const TensorView& queries, const Tens
   if (!qb.bf16) arg_error(kOp, "a query has a non-finite norm");
   const bool half = items.dtype == DType::f16;
   const Bf16Bound bound(d);
-  LaneScorer scorer(sk, qb, bound, d, half);
+  LaneScorer scorer(sk, qb, bound, d, half, usable(prepared, sk, items));
   std::vector<float> t(size_t(qb.w), kPosInf);
   std::copy(thr, thr + nq, t.begin());
   std::vector<int64_t> rows;
@@ -302,7 +345,7 @@ std::vector<int64_t> topk_bf16_filter_rows(const TensorView& queries, const Tens
     const int64_t n = std::min(kTile, items.shape[0] - start);
     const void* x = half ? static_cast<const void*>(items.ptr<uint16_t>() + start * ldx)
                          : static_cast<const void*>(items.ptr<float>() + start * ldx);
-    const int64_t np = scorer.filter(x, ldx, n, t.data());
+    const int64_t np = scorer.filter(x, start, ldx, n, t.data());
     if (np < 0) arg_error(kOp, "the filter does not apply to the tile at row ", start);
     for (int64_t c = 0; c < np; ++c) rows.push_back(start + scorer.passed()[c]);
   }
@@ -311,7 +354,7 @@ std::vector<int64_t> topk_bf16_filter_rows(const TensorView& queries, const Tens
 
 void topk_inner_product(const TensorView& queries, const TensorView& items, int64_t k,
                         const TensorView& exclude_indptr, const TensorView& exclude_ids,
-                        const TensorView& out_scores, const TensorView& out_ids) {
+                        const TensorView& out_scores, const TensorView& out_ids, const Bf16Items* prepared) {
   const int64_t num_queries = queries.shape[0], d = queries.shape[1];
   const int64_t num_items = items.shape[0];
   const Exclusions excl(exclude_indptr, exclude_ids, num_queries, num_items);
@@ -347,6 +390,7 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
   std::vector<RunningTopK> heaps(size_t(nt * block));
   QueryBlock qb;
   const Bf16Bound bound(d);
+  const Bf16Items* pre = usable(prepared, sk, items);
 
   for (int64_t q0 = 0; q0 < num_queries; q0 += block) {
     const int64_t nq = std::min(block, num_queries - q0);
@@ -368,7 +412,7 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
       std::vector<int32_t> hits(use_lanes ? 0 : size_t(kTile));
       std::vector<float> thr(use_lanes ? size_t(qb.w) : 0);
       std::optional<LaneScorer> lanes_scorer;
-      if (use_lanes) lanes_scorer.emplace(sk, qb, bound, d, half);
+      if (use_lanes) lanes_scorer.emplace(sk, qb, bound, d, half, pre);
 
       // Chunks are handed out dynamically: a thread the OS preempts (a server shares its
       // cores with the network stack) does not hold the batch up. OpenMP hands them out in
@@ -382,7 +426,7 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
             for (int64_t l = 0; l < qb.w; ++l) thr[l] = l < nq ? my[l].threshold() : kPosInf;
             const void* x = half ? static_cast<const void*>(items.ptr<uint16_t>() + start * ldx)
                                  : static_cast<const void*>(items.ptr<float>() + start * ldx);
-            const int64_t nh = lanes_scorer->score(x, ldx, n, thr.data());
+            const int64_t nh = lanes_scorer->score(x, start, ldx, n, thr.data());
             const float* sc = lanes_scorer->scores();
             const int32_t* hit = lanes_scorer->hits();
             // thr[l] tracks my[l].threshold(): the dense array, not one heap per query, is

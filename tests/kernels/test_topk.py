@@ -311,3 +311,121 @@ def test_bf16_prefilter_falls_back_on_non_finite_rows_and_queries():
             _C._set_isa("best")
         np.testing.assert_array_equal(got[1], expected[1])
         np.testing.assert_array_equal(got[0], expected[0])
+
+
+# -- prepared items (kernels.prepare_items) --------------------------------------------
+
+@given(problem=topk_problems())
+def test_prepared_items_match_reference_exactly(problem, cpu_isa):
+    queries, items, k, indptr, ids = problem
+    prepared = kernels.prepare_items(items)
+    assert prepared.bfloat16 == (cpu_isa == "avx512bf16")
+    got = kernels.topk_inner_product(queries, prepared, k, exclude_indptr=indptr, exclude_ids=ids)
+    _check_exact(got, ref.topk_inner_product(queries, items, k, exclude_indptr=indptr, exclude_ids=ids))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("k", [1, 20, 300])
+def test_prepared_items_give_the_plain_results_bit_for_bit(dtype, k):
+    """The prepared bfloat16 rows are the bits each call would make: the filter decides
+    the same rows, and ids and scores equal the plain float32 kernel's."""
+    from recserve import _C
+
+    _skip_without_bf16()
+    for name, items, queries in _bf16_problems():
+        items = items.astype(dtype)
+        rng = np.random.default_rng(len(queries) + 1)
+        counts = rng.integers(0, 5, len(queries))
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        ids = rng.integers(0, len(items), int(indptr[-1])).astype(np.int64)
+        try:
+            _C._set_isa("avx512")
+            expected = kernels.topk_inner_product(queries, items, k, exclude_indptr=indptr, exclude_ids=ids)
+            _C._set_isa("avx512bf16")
+            prepared = kernels.prepare_items(items)
+            before = _C._topk_bf16_filtered_tiles()
+            got = kernels.topk_inner_product(queries, prepared, k, exclude_indptr=indptr, exclude_ids=ids)
+            filtered = _C._topk_bf16_filtered_tiles() - before
+        finally:
+            _C._set_isa("best")
+        assert prepared.bfloat16 and prepared.nbytes >= items.shape[0] * ((items.shape[1] + 1) // 2) * 4
+        np.testing.assert_array_equal(got[1], expected[1], err_msg=name)
+        np.testing.assert_array_equal(got[0], expected[0], err_msg=name)
+        if name in ("unit", "heavy-tailed, d=33", "d=7") and k <= 20:
+            assert filtered > 0, f"{name}: the prepared rows never decided a tile"
+
+
+def test_prepared_filter_passes_the_same_rows_as_the_per_call_filter():
+    from recserve import _C
+
+    _skip_without_bf16()
+    for name, items, queries in _bf16_problems():
+        exact = queries.astype(np.float64) @ items.astype(np.float64).T
+        thr = np.percentile(exact, 99.5, axis=1).astype(np.float32)
+        try:
+            _C._set_isa("avx512bf16")
+            plain = _C._topk_bf16_filter(queries, items, thr)
+            prepared = _C._topk_bf16_filter(queries, kernels.prepare_items(items), thr)
+        finally:
+            _C._set_isa("best")
+        np.testing.assert_array_equal(prepared, plain, err_msg=name)
+
+
+def test_prepared_items_serve_under_any_isa():
+    """Made with the bfloat16 form, used where the selected ISA has no filter (and the
+    other way round): the form is then ignored or made per call, results unchanged."""
+    from recserve import _C
+
+    supported = _C.build_info()["cpu_isas_supported"]
+    rng = np.random.default_rng(23)
+    items = rng.integers(-3, 4, size=(5_000, 24)).astype(np.float32)
+    queries = rng.integers(-3, 4, size=(20, 24)).astype(np.float32)
+    expected = ref.topk_inner_product(queries, items, 15)
+    try:
+        for made_on in supported:
+            _C._set_isa(made_on)
+            prepared = kernels.prepare_items(items)
+            for used_on in supported:
+                _C._set_isa(used_on)
+                _check_exact(kernels.topk_inner_product(queries, prepared, 15), expected)
+    finally:
+        _C._set_isa("best")
+
+
+def test_prepared_items_with_non_finite_rows_and_strided_input():
+    from recserve import _C
+
+    rng = np.random.default_rng(24)
+    items = rng.standard_normal((20_000, 32)).astype(np.float32)
+    items[[5, 7_000, 19_999]] = np.array([np.nan, np.inf, -np.inf], np.float32)[:, None]
+    queries = rng.standard_normal((16, 32)).astype(np.float32)
+    expected = kernels.topk_inner_product(queries, items, 10)
+    prepared = kernels.prepare_items(np.asfortranarray(items))  # copied once into contiguous rows
+    assert prepared.items.flags.c_contiguous
+    got = kernels.topk_inner_product(queries, prepared, 10)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_array_equal(got[0], expected[0])
+    assert _C.build_info()["cpu_isa"] != "avx512bf16" or prepared.bfloat16
+
+
+@pytest.mark.parametrize("items, message", [
+    (np.zeros((4, 3), np.int32), "items"),
+    (np.zeros(4, np.float32), "items"),
+])
+def test_prepare_items_bad_input_raises_value_error(items, message):
+    with pytest.raises(ValueError, match=f"prepare_items.*{message}"):
+        kernels.prepare_items(items)
+
+
+def test_prepared_items_with_mismatched_queries_raise():
+    prepared = kernels.prepare_items(np.ones((10, 8), np.float32))
+    with pytest.raises(ValueError, match="queries has d=4 but items has d=8"):
+        kernels.topk_inner_product(np.ones((2, 4), np.float32), prepared, 3)
+
+
+def test_prepare_items_leaves_cuda_arrays_as_they_are(cuda_device):
+    items = cuda_device.put(np.ones((10, 8), np.float32))
+    assert kernels.prepare_items(items) is items
+    prepared = kernels.prepare_items(np.ones((10, 8), np.float32))
+    with pytest.raises(ValueError, match="prepared items are on the host"):
+        kernels.topk_inner_product(cuda_device.put(np.ones((2, 8), np.float32)), prepared, 3)

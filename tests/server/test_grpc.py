@@ -45,6 +45,25 @@ def test_batch_recommend_equals_offline_computation(server, repo):
         assert r.scores == pytest.approx(scores, abs=1e-6)
 
 
+def test_served_versions_search_prepared_items_with_the_plain_matrix_results(server, repo):
+    """The server searches kernels.prepare_items(items) (bfloat16 rows made once where the
+    CPU has the pre-filter); its answers are the plain item matrix's, bit for bit."""
+    import numpy as np
+
+    from recserve import kernels
+
+    model = server.server.registry.get("tiny").model
+    assert model.search_items.bfloat16 == (kernels.build_info()["cpu_isa"] == "avx512bf16")
+    users = [str(u) for u in range(40)]
+    histories = [[f"I{(u * 5 + j) % 120:03d}" for j in range(u % 4)] for u in range(40)]
+    vectors = model.user_vectors([{"user_id": u, "history": h} for u, h in zip(users, histories)])
+    scores, rows = kernels.topk_inner_product(vectors, np.asarray(model.item_matrix), 6)
+    with RecommendClient(server.target) as client:
+        recs = client.batch_recommend("tiny", users, k=6, recent_items=histories)
+    assert [r.item_ids for r in recs] == [model.item_ids[r].tolist() for r in rows]
+    assert [r.scores for r in recs] == [s.tolist() for s in scores]
+
+
 def test_64_concurrent_callers_each_get_their_own_answer(server, repo):
     offline = RetrievalModel.load(repo / "tiny/1")
     served = server.server.registry.get("tiny")

@@ -106,18 +106,22 @@ inline void check_embedding_bag(const TensorView& table, const TensorView& indic
 // Largest k the CUDA top-k supports (block-level selection in shared memory).
 constexpr int64_t kCudaMaxTopK = 1024;
 
+inline void check_topk_items(const char* op, const TensorView& items) {
+  check_float_table(op, "items", items);
+  if (!items.rows_contiguous()) arg_error(op, "items rows must be contiguous");
+  if (items.shape[0] > int64_t(std::numeric_limits<int32_t>::max()))
+    arg_error(op, "items has ", items.shape[0], " rows; at most 2**31 - 1 are supported");
+}
+
 inline void check_topk(const TensorView& queries, const TensorView& items, int64_t k,
                        const TensorView& exclude_indptr, const TensorView& exclude_ids) {
   const char* op = "topk_inner_product";
   check_ndim(op, "queries", queries, 2);
   check_dtype(op, "queries", queries, DType::f32);
-  check_float_table(op, "items", items);
-  if (!items.rows_contiguous()) arg_error(op, "items rows must be contiguous");
+  check_topk_items(op, items);
   if (queries.shape[1] != items.shape[1])
     arg_error(op, "queries has d=", queries.shape[1], " but items has d=", items.shape[1]);
   if (k < 1) arg_error(op, "k must be >= 1, got ", k);
-  if (items.shape[0] > int64_t(std::numeric_limits<int32_t>::max()))
-    arg_error(op, "items has ", items.shape[0], " rows; at most 2**31 - 1 are supported");
   if (exclude_indptr.present != exclude_ids.present)
     arg_error(op, "exclude_indptr and exclude_ids must be given together");
   if (exclude_indptr.present) {

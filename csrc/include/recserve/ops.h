@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "recserve/tensor.h"
@@ -25,9 +26,24 @@ void hash_fixed_bytes(const uint8_t* data, int64_t n, int64_t width, uint32_t se
 void embedding_bag(const TensorView& table, const TensorView& indices, const TensorView& offsets,
                    const TensorView& weights, PoolMode mode, const TensorView& out);
 
+// The bfloat16 form of an item matrix that the top-k's pre-filter scores, made once
+// for a matrix searched many times (a served model's items) instead of tile by tile in
+// every call: rows as bfloat16 pairs [num_items][(d + 1) / 2] and each tile's largest
+// row norm (NaN for a tile holding a non-finite row). The same bits the call would
+// compute, so results are identical; a call reads half the bytes (float32 items).
+struct Bf16Items {
+  int64_t num_items = 0, d = 0;
+  std::vector<uint32_t> rows;
+  std::vector<float> tile_norms;
+};
+// nullptr when the selected ISA has no bfloat16 filter (nothing to prepare).
+std::shared_ptr<const Bf16Items> topk_prepare_bf16(const TensorView& items);
+
+// `prepared`: topk_prepare_bf16(items) of these same items, or nullptr.
 void topk_inner_product(const TensorView& queries, const TensorView& items, int64_t k,
                         const TensorView& exclude_indptr, const TensorView& exclude_ids,
-                        const TensorView& out_scores, const TensorView& out_ids);
+                        const TensorView& out_scores, const TensorView& out_ids,
+                        const Bf16Items* prepared = nullptr);
 // Tiles of items the CPU top-k scored through its bfloat16 pre-filter (since the
 // process started): lets tests see that the filter path runs.
 int64_t topk_bf16_filtered_tiles();
@@ -36,7 +52,7 @@ int64_t topk_bf16_filtered_tiles();
 // top-k applies it tile by tile. Throws std::invalid_argument where the filter cannot
 // run (CPU without AVX512_BF16 selected, non-finite query or row norms).
 std::vector<int64_t> topk_bf16_filter_rows(const TensorView& queries, const TensorView& items,
-                                           const float* thr);
+                                           const float* thr, const Bf16Items* prepared = nullptr);
 
 }  // namespace cpu
 
