@@ -143,7 +143,7 @@ def bench_topk(report: Report, quick: bool) -> None:
     for batch, ms in by_batch.items():
         report.add(f"- B={batch}: recserve f32 / with prepare_items = "
                    f"{ms['recserve f32'] / ms['recserve f32, prepare_items']:.2f}x"
-                   + (" (one to three queries score rows in float32 directly: no filter to prepare)" if batch < 4 else ""))
+)
     report.add()
 
 

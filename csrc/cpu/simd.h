@@ -58,6 +58,11 @@ struct SimdKernels {
   float (*to_bf16_rows)(const void* x, bool half, int64_t ldx, int64_t n, int64_t d, uint32_t* dst);
   int64_t (*prefilter_lanes_bf16)(const uint32_t* qt2, int64_t w, const float* thr_lo,
                                   const uint32_t* xb, int64_t n, int64_t dp, int32_t* hits);
+  // The same filter for one query (q2: its dp pairs) over n rows of such pairs: the rows
+  // whose approximate score exceeds thr_lo. The top-k uses it for one to three queries
+  // when the rows were prepared once (a per-call conversion would cost what it saves).
+  int64_t (*prefilter_row_bf16)(const uint32_t* q2, float thr_lo, const uint32_t* xb, int64_t n, int64_t dp,
+                                int32_t* hits);
 };
 
 const SimdKernels& simd_scalar();

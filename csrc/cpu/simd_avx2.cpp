@@ -204,7 +204,8 @@ RS_AVX2 int64_t pool_bags(const char* base, int64_t ld_bytes, bool half, const i
 const SimdKernels& simd_avx2() {
   static const SimdKernels k{"avx2",             kLanes,           score_tile_row,
                              score_tile_row_f16, score_tile_lanes, half_to_float_rows,
-                             pool_bags,          nullptr,          nullptr};
+                             pool_bags,          nullptr,          nullptr,
+                             nullptr};
   return k;
 }
 #else

@@ -325,19 +325,53 @@ RS_AVX512BF16 int64_t prefilter_lanes_bf16(const uint32_t* qt2, int64_t w, const
   return nh;
 }
 
+// One query against rows of bfloat16 pairs (row-major, as to_bf16_rows writes them):
+// 16 rows at a time, each row's pairs in chunks of 16 (masked at the end), the 16 row
+// sums reduced four at a time. A short last block repeats the final row.
+RS_AVX512BF16 int64_t prefilter_row_bf16(const uint32_t* q2, float thr_lo, const uint32_t* xb, int64_t n,
+                                         int64_t dp, int32_t* hits) {
+  const __m128 t = _mm_set1_ps(thr_lo);
+  int64_t nh = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const int64_t rows = std::min<int64_t>(16, n - i);
+    __m512 acc[16];
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < dp; p += kLanes) {
+      const __mmask16 m = tail_mask(std::min<int64_t>(dp - p, kLanes));
+      const __m512bh qv = as_bh(_mm512_maskz_loadu_epi32(m, q2 + p));
+      for (int r = 0; r < 16; ++r) {
+        const uint32_t* row = xb + (i + std::min<int64_t>(r, rows - 1)) * dp + p;
+        acc[r] = _mm512_dpbf16_ps(acc[r], as_bh(_mm512_maskz_loadu_epi32(m, row)), qv);
+      }
+    }
+    for (int g = 0; g < 4; ++g) {
+      unsigned pass = _mm_cmp_ps_mask(reduce4(acc[4 * g], acc[4 * g + 1], acc[4 * g + 2], acc[4 * g + 3]), t,
+                                      _CMP_GT_OQ);
+      while (pass) {
+        const int64_t r = 4 * g + __builtin_ctz(pass);
+        if (r < rows) hits[nh++] = int32_t(i + r);
+        pass &= pass - 1;
+      }
+    }
+  }
+  return nh;
+}
+
 }  // namespace
 
 const SimdKernels& simd_avx512() {
   static const SimdKernels k{"avx512",         kLanes,           score_tile_row,
                              score_tile_row_f16, score_tile_lanes, half_to_float_rows,
-                             pool_bags,          nullptr,          nullptr};
+                             pool_bags,          nullptr,          nullptr,
+                             nullptr};
   return k;
 }
 
 const SimdKernels& simd_avx512bf16() {
   static const SimdKernels k{"avx512bf16",     kLanes,           score_tile_row,
                              score_tile_row_f16, score_tile_lanes, half_to_float_rows,
-                             pool_bags,          to_bf16_rows,     prefilter_lanes_bf16};
+                             pool_bags,          to_bf16_rows,     prefilter_lanes_bf16,
+                             prefilter_row_bf16};
   return k;
 }
 #else

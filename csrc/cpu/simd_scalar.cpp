@@ -86,7 +86,8 @@ int64_t pool_bags(const char* base, int64_t ld_bytes, bool half, const int64_t* 
 const SimdKernels& simd_scalar() {
   static const SimdKernels k{"scalar",         kLanes,           score_tile_row,
                              score_tile_row_f16, score_tile_lanes, half_to_float_rows,
-                             pool_bags,          nullptr,          nullptr};
+                             pool_bags,          nullptr,          nullptr,
+                             nullptr};
   return k;
 }
 

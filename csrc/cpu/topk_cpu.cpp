@@ -163,6 +163,7 @@ struct QueryBlock {
   std::vector<float> qt;        // transposed, [d][w], padding lanes zero
   bool bf16 = false;            // use the bfloat16 filter
   std::vector<uint32_t> qt2;    // bfloat16 pairs, [dp][w]
+  std::vector<uint32_t> q2;     // the same pairs per query, [nq][dp] (the one-query filter)
   std::vector<double> qnorm;    // |q_l|
 
   void fill(const float* q_all, int64_t q0, int64_t d, bool want_bf16) {
@@ -173,12 +174,14 @@ struct QueryBlock {
     if (!bf16) return;
     const int64_t dp = (d + 1) / 2;
     qt2.assign(size_t(dp * w), 0u);
+    q2.assign(size_t(dp * nq), 0u);
     qnorm.assign(size_t(w), 0.0);
     for (int64_t l = 0; l < nq; ++l) {
       const float* q = q_all + (q0 + l) * d;
       double sq = 0.0;
       for (int64_t j = 0; j < d; ++j) {
         qt2[size_t(j / 2 * w + l)] |= bf16_bits(q[j]) << (16 * (j % 2));
+        q2[size_t(l * dp + j / 2)] |= bf16_bits(q[j]) << (16 * (j % 2));
         sq += double(q[j]) * double(q[j]);
       }
       qnorm[size_t(l)] = std::sqrt(sq);
@@ -186,6 +189,13 @@ struct QueryBlock {
     }
   }
 };
+
+// thr lowered by the bound on the bfloat16 error for a query of norm q against rows of
+// norm <= max_norm, rounded down: no row whose float32 score beats thr scores below it.
+inline float lowered_threshold(const Bf16Bound& bound, float thr, double q, double max_norm) {
+  const double slack = bound.rel * q * max_norm + bound.abs * (1.0 + q + max_norm);
+  return std::nextafter(float(double(thr) - slack), kNegInf);
+}
 
 // Scores tiles of items against a query block (one per thread, owning its buffers):
 // scores[i * w + l] for every row i it reports as a hit (some lane beats thr[l]).
@@ -208,27 +218,12 @@ class LaneScorer {
   // Rows x + i * ldx, i < n, of float32 or (half) binary16 items; x is row `start` (a
   // multiple of kTile) of the matrix.
   int64_t score(const void* x, int64_t start, int64_t ldx, int64_t n, const float* thr) {
-    int64_t np = -1;
-    if (qb_.bf16 && skip_ > 0) {
-      --skip_;
-    } else if (qb_.bf16) {
-      np = filter(x, start, ldx, n, thr);
-      if (np * kBf16MaxPassFraction > n) {
-        // Filtered in vain (thresholds still low against this catalogue's scores): skip
-        // the filter for the next tiles, twice as many after each miss.
-        backoff_ = std::min<int64_t>(2 * backoff_ + 1, kBf16MaxBackoffTiles);
-        skip_ = backoff_;
-        np = -1;
-      } else if (np >= 0) {
-        backoff_ = 0;
-      }
-    }
+    const int64_t np = try_filter(x, start, ldx, n, thr);
     if (np < 0) {  // score the whole tile
       const float* rows = half_ ? widen(x, ldx, 0, n) : static_cast<const float*>(x);
       return sk_.score_tile_lanes(qb_.qt.data(), qb_.w, thr, rows, half_ ? d_ : ldx, n, d_, scores_.data(),
                                   hits_.data());
     }
-    g_bf16_tiles.fetch_add(1, std::memory_order_relaxed);
     int64_t nh = 0;
     int32_t unused;
     for (int64_t c = 0; c < np; ++c) {
@@ -238,6 +233,29 @@ class LaneScorer {
         hits_[size_t(nh++)] = int32_t(i);
     }
     return nh;
+  }
+
+  // The rows of this tile that pass the filter (passed()), or -1: score the whole tile
+  // (the filter cannot be used here, or is backing off after tiles it filtered in vain).
+  int64_t try_filter(const void* x, int64_t start, int64_t ldx, int64_t n, const float* thr) {
+    if (!qb_.bf16) return -1;
+    if (skip_ > 0) {
+      --skip_;
+      return -1;
+    }
+    const int64_t np = filter(x, start, ldx, n, thr);
+    if (np * kBf16MaxPassFraction > n) {
+      // Filtered in vain (thresholds still low against this catalogue's scores): skip
+      // the filter for the next tiles, twice as many after each miss.
+      backoff_ = std::min<int64_t>(2 * backoff_ + 1, kBf16MaxBackoffTiles);
+      skip_ = backoff_;
+      return -1;
+    }
+    if (np >= 0) {
+      backoff_ = 0;
+      g_bf16_tiles.fetch_add(1, std::memory_order_relaxed);
+    }
+    return np;
   }
 
   // Rows that pass the bfloat16 filter (into passed_), or -1 when it cannot be used
@@ -260,9 +278,7 @@ class LaneScorer {
         thr_lo_[size_t(l)] = kPosInf;  // padding lanes never pass
         continue;
       }
-      const double q = qb_.qnorm[size_t(l)];
-      const double slack = bound_.rel * q * max_norm + bound_.abs * (1.0 + q + max_norm);
-      thr_lo_[size_t(l)] = std::nextafter(float(double(thr[l]) - slack), kNegInf);  // rounded down
+      thr_lo_[size_t(l)] = lowered_threshold(bound_, thr[l], qb_.qnorm[size_t(l)], max_norm);
     }
     return sk_.prefilter_lanes_bf16(qb_.qt2.data(), qb_.w, thr_lo_.data(), xb, n, dp_, passed_.data());
   }
@@ -297,6 +313,41 @@ const Bf16Items* usable(const Bf16Items* prepared, const SimdKernels& sk, const 
     arg_error(kOp, "the prepared items are [", prepared->num_items, ", ", prepared->d, "], not the items' shape");
   return prepared;
 }
+
+// One query's candidate rows in a tile, by the prepared bfloat16 rows (one to three
+// queries; one per thread and query). The candidates are then scored side by side, so
+// even a filter that passes many rows costs about what it saves; one that passes over
+// half of them is backed off like the lanes filter.
+class OneQueryFilter {
+ public:
+  // The candidates of the tile at `start` (n rows) into `passed`, or -1: score the whole
+  // tile (heap not full, a non-finite norm, or backing off).
+  int64_t candidates(const SimdKernels& sk, const QueryBlock& qb, int64_t l, const Bf16Bound& bound,
+                     const Bf16Items& pre, int64_t start, int64_t n, float thr, int32_t* passed) {
+    if (thr == kNegInf || !qb.bf16) return -1;
+    if (skip_ > 0) {
+      --skip_;
+      return -1;
+    }
+    const float max_norm = pre.tile_norms[size_t(start / kTile)];
+    if (!std::isfinite(max_norm)) return -1;
+    const int64_t dp = (pre.d + 1) / 2;
+    const int64_t np = sk.prefilter_row_bf16(qb.q2.data() + l * dp,
+                                             lowered_threshold(bound, thr, qb.qnorm[size_t(l)], max_norm),
+                                             pre.rows.data() + start * dp, n, dp, passed);
+    if (np * 2 > n) {
+      backoff_ = std::min<int64_t>(2 * backoff_ + 1, kBf16MaxBackoffTiles);
+      skip_ = backoff_;
+    } else {
+      backoff_ = 0;
+    }
+    g_bf16_tiles.fetch_add(1, std::memory_order_relaxed);
+    return np;
+  }
+
+ private:
+  int64_t skip_ = 0, backoff_ = 0;
+};
 
 }  // namespace
 
@@ -395,9 +446,12 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
   for (int64_t q0 = 0; q0 < num_queries; q0 += block) {
     const int64_t nq = std::min(block, num_queries - q0);
     // Several queries: the transposed kernel scores `lanes` of them per FMA.
-    // One to three: score row by row (most lanes would be padding).
+    // One to three: score row by row (most lanes would be padding). With prepared
+    // bfloat16 rows, one to three queries are also filtered first (the bfloat16 pass
+    // reads half the bytes; the float32 rows are read only where a row passes).
     const bool use_lanes = lanes > 1 && nq * 4 >= lanes;
-    if (use_lanes) {
+    const bool row_filter = !use_lanes && pre != nullptr && sk.prefilter_row_bf16 != nullptr;
+    if (use_lanes || row_filter) {
       qb.nq = nq;
       qb.w = (nq + lanes - 1) / lanes * lanes;
       qb.fill(q_all, q0, d, sk.prefilter_lanes_bf16 != nullptr);
@@ -411,6 +465,9 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
       std::vector<float> scores(use_lanes ? 0 : size_t(kTile));
       std::vector<int32_t> hits(use_lanes ? 0 : size_t(kTile));
       std::vector<float> thr(use_lanes ? size_t(qb.w) : 0);
+      std::vector<int32_t> passed(row_filter ? size_t(kTile) : 0);
+      std::vector<OneQueryFilter> one_query(row_filter ? size_t(nq) : 0);
+      std::vector<char> gathered(row_filter ? size_t(kTile * d) * (half ? 2 : 4) : 0);
       std::optional<LaneScorer> lanes_scorer;
       if (use_lanes) lanes_scorer.emplace(sk, qb, bound, d, half, pre);
 
@@ -442,18 +499,36 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
               }
             }
           } else {
-            for (int64_t l = 0; l < nq; ++l) {
-              RunningTopK& heap = my[l];
-              const float* q = q_all + (q0 + l) * d;
+            // m rows (row r at x + r * ld, its id ids[r] or start + r) through the float32 row
+            // kernel; a row scores the same bits wherever it lies and whatever its neighbours.
+            auto score_rows = [&](RunningTopK& heap, const float* q, int64_t l, const void* x, int64_t ld,
+                                  int64_t m, const int32_t* ids) {
               const int64_t nh =
-                  half ? sk.score_tile_row_f16(q, heap.threshold(), items.ptr<uint16_t>() + start * ldx,
-                                               ldx, n, d, scores.data(), hits.data())
-                       : sk.score_tile_row(q, heap.threshold(), items.ptr<float>() + start * ldx, ldx,
-                                           n, d, scores.data(), hits.data());
+                  half ? sk.score_tile_row_f16(q, heap.threshold(), static_cast<const uint16_t*>(x), ld, m, d,
+                                               scores.data(), hits.data())
+                       : sk.score_tile_row(q, heap.threshold(), static_cast<const float*>(x), ld, m, d,
+                                           scores.data(), hits.data());
               for (int64_t h = 0; h < nh; ++h) {
-                const int64_t i = hits[h];
-                const float s = scores[size_t(i)];
-                if (s > heap.threshold() && !excl.excluded(q0 + l, start + i)) heap.push(s, start + i);
+                const float s = scores[size_t(hits[h])];
+                const int64_t id = start + (ids ? ids[hits[h]] : hits[h]);
+                if (s > heap.threshold() && !excl.excluded(q0 + l, id)) heap.push(s, id);
+              }
+            };
+            const size_t row_bytes = size_t(d) * (half ? 2 : 4);
+            const char* tile = static_cast<const char*>(items.data) + size_t(start * ldx) * (half ? 2 : 4);
+            for (int64_t l = 0; l < nq; ++l) {
+              const float* q = q_all + (q0 + l) * d;
+              const int64_t np = row_filter ? one_query[size_t(l)].candidates(sk, qb, l, bound, *pre, start, n,
+                                                                              my[l].threshold(), passed.data())
+                                            : -1;
+              if (np < 0) {
+                score_rows(my[l], q, l, tile, ldx, n, nullptr);
+              } else {
+                // The candidates side by side, so the row kernel scores them 8 at a time.
+                for (int64_t c = 0; c < np; ++c)
+                  std::memcpy(gathered.data() + size_t(c) * row_bytes,
+                              tile + size_t(passed[size_t(c)] * ldx) * (half ? 2 : 4), row_bytes);
+                score_rows(my[l], q, l, gathered.data(), d, np, passed.data());
               }
             }
           }

@@ -326,14 +326,16 @@ def test_prepared_items_match_reference_exactly(problem, cpu_isa):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("k", [1, 20, 300])
-def test_prepared_items_give_the_plain_results_bit_for_bit(dtype, k):
+@pytest.mark.parametrize("num_queries", [1, 3, None])
+def test_prepared_items_give_the_plain_results_bit_for_bit(dtype, k, num_queries):
     """The prepared bfloat16 rows are the bits each call would make: the filter decides
-    the same rows, and ids and scores equal the plain float32 kernel's."""
+    the same rows, and ids and scores equal the plain float32 kernel's. One to three
+    queries (the row kernel) are filtered only with prepared rows."""
     from recserve import _C
 
     _skip_without_bf16()
     for name, items, queries in _bf16_problems():
-        items = items.astype(dtype)
+        items, queries = items.astype(dtype), queries[:num_queries]
         rng = np.random.default_rng(len(queries) + 1)
         counts = rng.integers(0, 5, len(queries))
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -388,6 +390,7 @@ def test_prepared_items_serve_under_any_isa():
             for used_on in supported:
                 _C._set_isa(used_on)
                 _check_exact(kernels.topk_inner_product(queries, prepared, 15), expected)
+                _check_exact(kernels.topk_inner_product(queries[:2], prepared, 15), tuple(a[:2] for a in expected))
     finally:
         _C._set_isa("best")
 
