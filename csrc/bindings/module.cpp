@@ -223,7 +223,7 @@ py::tuple topk_py(const py::object& queries, const py::object& items, int64_t k,
 
 // Test hook for the bfloat16 pre-filter of the CPU top-k (see ops.h).
 py::array_t<int64_t> topk_bf16_filter_py(const py::object& queries, const py::object& items,
-                                         const py::object& thresholds) {
+                                         const py::object& thresholds, bool one_query) {
   const char* op = "topk_inner_product";
   py::array q = contiguous(as_numpy(queries, op, "queries"));
   const cpu::Bf16Items* prepared = nullptr;
@@ -235,7 +235,7 @@ py::array_t<int64_t> topk_bf16_filter_py(const py::object& queries, const py::ob
   std::vector<int64_t> rows;
   {
     py::gil_scoped_release nogil;
-    rows = cpu::topk_bf16_filter_rows(qv, iv, t.data(), prepared);
+    rows = cpu::topk_bf16_filter_rows(qv, iv, t.data(), prepared, one_query);
   }
   return py::array_t<int64_t>(py::ssize_t(rows.size()), rows.data());
 }
@@ -282,5 +282,6 @@ PYBIND11_MODULE(_C, m) {
   // Server hook: kernels called from this thread use at most n threads (the model loader).
   m.def("_set_calling_thread_limit", &recserve::cpu::set_calling_thread_limit, py::arg("n"));
   m.def("_calling_thread_limit", &recserve::cpu::max_threads);
-  m.def("_topk_bf16_filter", &topk_bf16_filter_py, py::arg("queries"), py::arg("items"), py::arg("thresholds"));
+  m.def("_topk_bf16_filter", &topk_bf16_filter_py, py::arg("queries"), py::arg("items"), py::arg("thresholds"),
+        py::arg("one_query") = false);
 }

@@ -376,7 +376,7 @@ std::shared_ptr<const Bf16Items> topk_prepare_bf16(const TensorView& items) {
 }
 
 std::vector<int64_t> topk_bf16_filter_rows(const TensorView& queries, const TensorView& items,
-                                           const float* thr, const Bf16Items* prepared) {
+                                           const float* thr, const Bf16Items* prepared, bool one_query) {
   const SimdKernels& sk = simd();
   const int64_t nq = queries.shape[0], d = queries.shape[1], ldx = items.stride[0];
   if (sk.prefilter_lanes_bf16 == nullptr) arg_error(kOp, "the bfloat16 filter needs the avx512bf16 ISA");
@@ -388,12 +388,30 @@ std::vector<int64_t> topk_bf16_filter_rows(const TensorView& queries, const Tens
   if (!qb.bf16) arg_error(kOp, "a query has a non-finite norm");
   const bool half = items.dtype == DType::f16;
   const Bf16Bound bound(d);
-  LaneScorer scorer(sk, qb, bound, d, half, usable(prepared, sk, items));
+  const Bf16Items* pre = usable(prepared, sk, items);
+  LaneScorer scorer(sk, qb, bound, d, half, pre);
   std::vector<float> t(size_t(qb.w), kPosInf);
   std::copy(thr, thr + nq, t.begin());
   std::vector<int64_t> rows;
+  if (one_query && pre == nullptr) arg_error(kOp, "the one-query filter needs prepared items");
+  std::vector<int32_t> passed(static_cast<size_t>(kTile));
   for (int64_t start = 0; start < items.shape[0]; start += kTile) {
     const int64_t n = std::min(kTile, items.shape[0] - start);
+    if (one_query) {  // each query through the one-query kernel; the union of their rows
+      const float max_norm = pre->tile_norms[size_t(start / kTile)];
+      if (!std::isfinite(max_norm)) arg_error(kOp, "the filter does not apply to the tile at row ", start);
+      const int64_t dp = (d + 1) / 2;
+      std::vector<bool> any(size_t(n), false);
+      for (int64_t l = 0; l < nq; ++l) {
+        const int64_t np = sk.prefilter_row_bf16(qb.q2.data() + l * dp,
+                                                 lowered_threshold(bound, thr[l], qb.qnorm[size_t(l)], max_norm),
+                                                 pre->rows.data() + start * dp, n, dp, passed.data());
+        for (int64_t c = 0; c < np; ++c) any[size_t(passed[size_t(c)])] = true;
+      }
+      for (int64_t i = 0; i < n; ++i)
+        if (any[size_t(i)]) rows.push_back(start + i);
+      continue;
+    }
     const void* x = half ? static_cast<const void*>(items.ptr<uint16_t>() + start * ldx)
                          : static_cast<const void*>(items.ptr<float>() + start * ldx);
     const int64_t np = scorer.filter(x, start, ldx, n, t.data());

@@ -236,15 +236,20 @@ def _skip_without_bf16():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_bf16_prefilter_never_drops_a_row_that_beats_the_threshold(dtype):
+@pytest.mark.parametrize("one_query", [False, True])
+def test_bf16_prefilter_never_drops_a_row_that_beats_the_threshold(dtype, one_query):
     """Soundness of the error bound, tested on the filter itself: thresholds sit at each
     query's 99.5th percentile score, so thousands of rows lie within the bfloat16 error
-    of them; every row scoring above (by more than float32 rounding) must pass."""
+    of them; every row scoring above (by more than float32 rounding) must pass. Both
+    kernels: the lanes filter (four or more queries) and the one-query filter over
+    prepared rows (one to three; it sums in another order)."""
     from recserve import _C
 
     _skip_without_bf16()
     for name, items, queries in _bf16_problems():
         items = items.astype(dtype)
+        if one_query:
+            queries = queries[:3]
         x = items.astype(np.float64)
         exact = queries.astype(np.float64) @ x.T
         thr = np.percentile(exact, 99.5, axis=1).astype(np.float32)
@@ -253,7 +258,8 @@ def test_bf16_prefilter_never_drops_a_row_that_beats_the_threshold(dtype):
         must_pass = np.flatnonzero(np.any(exact > thr[:, None] + rounding, axis=0))
         try:
             _C._set_isa("avx512bf16")
-            passed = _C._topk_bf16_filter(queries, items, thr)
+            source = kernels.prepare_items(items) if one_query else items
+            passed = _C._topk_bf16_filter(queries, source, thr, one_query=one_query)
         finally:
             _C._set_isa("best")
         missed = np.setdiff1d(must_pass, passed)

@@ -49,10 +49,13 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
 int64_t topk_bf16_filtered_tiles();
 // Test hook: the rows of `items` that pass the bfloat16 pre-filter for `queries`
 // (at most 256, float32) against thresholds `thr` (one per query, all finite), as the
-// top-k applies it tile by tile. Throws std::invalid_argument where the filter cannot
-// run (CPU without AVX512_BF16 selected, non-finite query or row norms).
+// top-k applies it tile by tile; with `one_query` (prepared items needed), the union of
+// the rows the one-query kernel passes for each query. Throws std::invalid_argument
+// where the filter cannot run (CPU without AVX512_BF16 selected, non-finite query or
+// row norms).
 std::vector<int64_t> topk_bf16_filter_rows(const TensorView& queries, const TensorView& items,
-                                           const float* thr, const Bf16Items* prepared = nullptr);
+                                           const float* thr, const Bf16Items* prepared = nullptr,
+                                           bool one_query = false);
 
 }  // namespace cpu
 
