@@ -270,14 +270,17 @@ def test_bf16_prefilter_never_drops_a_row_that_beats_the_threshold(dtype, one_qu
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("k", [1, 20, 300])
-def test_bf16_prefilter_gives_the_float32_results_bit_for_bit(dtype, k):
+@pytest.mark.parametrize("num_queries, prepared", [(None, False), (None, True), (1, True), (3, True)])
+def test_bf16_prefilter_gives_the_float32_results_bit_for_bit(dtype, k, num_queries, prepared):
     """The filter only decides which rows the float32 kernel scores: ids and scores must
-    be the same bits as with plain AVX-512, and the filter must actually have run."""
+    be the same bits as with plain AVX-512, and the filter must actually have run. With
+    prepared items (kernels.prepare_items) the bfloat16 rows are made once, and one to
+    three queries (the row kernel) are filtered too."""
     from recserve import _C
 
     _skip_without_bf16()
     for name, items, queries in _bf16_problems():
-        items = items.astype(dtype)
+        items, queries = items.astype(dtype), queries[:num_queries]
         rng = np.random.default_rng(len(queries))
         counts = rng.integers(0, 5, len(queries))
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -286,11 +289,14 @@ def test_bf16_prefilter_gives_the_float32_results_bit_for_bit(dtype, k):
             _C._set_isa("avx512")
             expected = kernels.topk_inner_product(queries, items, k, exclude_indptr=indptr, exclude_ids=ids)
             _C._set_isa("avx512bf16")
+            searched = kernels.prepare_items(items) if prepared else items
             before = _C._topk_bf16_filtered_tiles()
-            got = kernels.topk_inner_product(queries, items, k, exclude_indptr=indptr, exclude_ids=ids)
+            got = kernels.topk_inner_product(queries, searched, k, exclude_indptr=indptr, exclude_ids=ids)
             filtered = _C._topk_bf16_filtered_tiles() - before
         finally:
             _C._set_isa("best")
+        if prepared:
+            assert searched.bfloat16 and searched.nbytes >= items.shape[0] * ((items.shape[1] + 1) // 2) * 4
         np.testing.assert_array_equal(got[1], expected[1], err_msg=name)
         np.testing.assert_array_equal(got[0], expected[0], err_msg=name)
         if name in ("unit", "heavy-tailed, d=33", "d=7") and k <= 20:
@@ -328,39 +334,6 @@ def test_prepared_items_match_reference_exactly(problem, cpu_isa):
     assert prepared.bfloat16 == (cpu_isa == "avx512bf16")
     got = kernels.topk_inner_product(queries, prepared, k, exclude_indptr=indptr, exclude_ids=ids)
     _check_exact(got, ref.topk_inner_product(queries, items, k, exclude_indptr=indptr, exclude_ids=ids))
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("k", [1, 20, 300])
-@pytest.mark.parametrize("num_queries", [1, 3, None])
-def test_prepared_items_give_the_plain_results_bit_for_bit(dtype, k, num_queries):
-    """The prepared bfloat16 rows are the bits each call would make: the filter decides
-    the same rows, and ids and scores equal the plain float32 kernel's. One to three
-    queries (the row kernel) are filtered only with prepared rows."""
-    from recserve import _C
-
-    _skip_without_bf16()
-    for name, items, queries in _bf16_problems():
-        items, queries = items.astype(dtype), queries[:num_queries]
-        rng = np.random.default_rng(len(queries) + 1)
-        counts = rng.integers(0, 5, len(queries))
-        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        ids = rng.integers(0, len(items), int(indptr[-1])).astype(np.int64)
-        try:
-            _C._set_isa("avx512")
-            expected = kernels.topk_inner_product(queries, items, k, exclude_indptr=indptr, exclude_ids=ids)
-            _C._set_isa("avx512bf16")
-            prepared = kernels.prepare_items(items)
-            before = _C._topk_bf16_filtered_tiles()
-            got = kernels.topk_inner_product(queries, prepared, k, exclude_indptr=indptr, exclude_ids=ids)
-            filtered = _C._topk_bf16_filtered_tiles() - before
-        finally:
-            _C._set_isa("best")
-        assert prepared.bfloat16 and prepared.nbytes >= items.shape[0] * ((items.shape[1] + 1) // 2) * 4
-        np.testing.assert_array_equal(got[1], expected[1], err_msg=name)
-        np.testing.assert_array_equal(got[0], expected[0], err_msg=name)
-        if name in ("unit", "heavy-tailed, d=33", "d=7") and k <= 20:
-            assert filtered > 0, f"{name}: the prepared rows never decided a tile"
 
 
 def test_prepared_filter_passes_the_same_rows_as_the_per_call_filter():
