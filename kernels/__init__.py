@@ -149,7 +149,7 @@ def prepare_items(items):
     filter's bfloat16 rows once (half the float32 matrix's bytes, ``.nbytes``) instead of
     converting every tile in every call (about a fifth of a large batch's time), and lets
     one to three queries be filtered too, reading half the bytes (B = 1 over 1M items:
-    ~3x faster). Elsewhere it holds the items as they are (``.bfloat16`` says which).
+    2.3-2.7x faster). Elsewhere it holds the items as they are (``.bfloat16`` says which).
     The items must not change afterwards. CUDA arrays are returned unchanged.
     """
     if _on_cuda("prepare_items", items=items):

@@ -190,6 +190,24 @@ struct QueryBlock {
   }
 };
 
+// When a filter keeps passing too many rows (thresholds still low against the
+// catalogue's scores), skip it for the next tiles, twice as many after each miss.
+class Backoff {
+ public:
+  bool skip() {
+    if (skip_ == 0) return false;
+    --skip_;
+    return true;
+  }
+  void record(bool in_vain) {
+    backoff_ = in_vain ? std::min<int64_t>(2 * backoff_ + 1, kBf16MaxBackoffTiles) : 0;
+    skip_ = backoff_;
+  }
+
+ private:
+  int64_t skip_ = 0, backoff_ = 0;  // tiles left to skip; the current backoff
+};
+
 // thr lowered by the bound on the bfloat16 error for a query of norm q against rows of
 // norm <= max_norm, rounded down: no row whose float32 score beats thr scores below it.
 inline float lowered_threshold(const Bf16Bound& bound, float thr, double q, double max_norm) {
@@ -238,23 +256,12 @@ class LaneScorer {
   // The rows of this tile that pass the filter (passed()), or -1: score the whole tile
   // (the filter cannot be used here, or is backing off after tiles it filtered in vain).
   int64_t try_filter(const void* x, int64_t start, int64_t ldx, int64_t n, const float* thr) {
-    if (!qb_.bf16) return -1;
-    if (skip_ > 0) {
-      --skip_;
-      return -1;
-    }
+    if (!qb_.bf16 || backoff_.skip()) return -1;
     const int64_t np = filter(x, start, ldx, n, thr);
-    if (np * kBf16MaxPassFraction > n) {
-      // Filtered in vain (thresholds still low against this catalogue's scores): skip
-      // the filter for the next tiles, twice as many after each miss.
-      backoff_ = std::min<int64_t>(2 * backoff_ + 1, kBf16MaxBackoffTiles);
-      skip_ = backoff_;
-      return -1;
-    }
-    if (np >= 0) {
-      backoff_ = 0;
-      g_bf16_tiles.fetch_add(1, std::memory_order_relaxed);
-    }
+    if (np < 0) return -1;
+    backoff_.record(np * kBf16MaxPassFraction > n);
+    if (np * kBf16MaxPassFraction > n) return -1;
+    g_bf16_tiles.fetch_add(1, std::memory_order_relaxed);
     return np;
   }
 
@@ -302,7 +309,7 @@ class LaneScorer {
   std::vector<uint32_t> xb_;
   std::vector<float> thr_lo_;
   std::vector<int32_t> passed_;
-  int64_t skip_ = 0, backoff_ = 0;  // tiles to score without the filter; the current backoff
+  Backoff backoff_;
 };
 
 // The prepared form serves while the selected ISA has the filter (tests switch ISAs),
@@ -314,39 +321,36 @@ const Bf16Items* usable(const Bf16Items* prepared, const SimdKernels& sk, const 
   return prepared;
 }
 
-// One query's candidate rows in a tile, by the prepared bfloat16 rows (one to three
-// queries; one per thread and query). The candidates are then scored side by side, so
-// even a filter that passes many rows costs about what it saves; one that passes over
-// half of them is backed off like the lanes filter.
+// Rows of the tile at `start` (n rows) that pass the one-query bfloat16 filter for
+// query l of qb against thr, into `passed`; -1 where the filter cannot decide (a heap
+// not full, a non-finite norm).
+int64_t one_query_rows(const SimdKernels& sk, const QueryBlock& qb, int64_t l, const Bf16Bound& bound,
+                       const Bf16Items& pre, int64_t start, int64_t n, float thr, int32_t* passed) {
+  const float max_norm = pre.tile_norms[size_t(start / kTile)];
+  if (thr == kNegInf || !qb.bf16 || !std::isfinite(max_norm)) return -1;
+  const int64_t dp = (pre.d + 1) / 2;
+  return sk.prefilter_row_bf16(qb.q2.data() + l * dp, lowered_threshold(bound, thr, qb.qnorm[size_t(l)], max_norm),
+                               pre.rows.data() + start * dp, n, dp, passed);
+}
+
+// One query's candidate rows per tile (one to three queries; one per thread and query).
+// The candidates are then scored side by side, so even a filter that passes many rows
+// costs about what it saves; one that passes over half of them is backed off.
 class OneQueryFilter {
  public:
-  // The candidates of the tile at `start` (n rows) into `passed`, or -1: score the whole
-  // tile (heap not full, a non-finite norm, or backing off).
+  // The candidates of the tile into `passed`, or -1: score the whole tile.
   int64_t candidates(const SimdKernels& sk, const QueryBlock& qb, int64_t l, const Bf16Bound& bound,
                      const Bf16Items& pre, int64_t start, int64_t n, float thr, int32_t* passed) {
-    if (thr == kNegInf || !qb.bf16) return -1;
-    if (skip_ > 0) {
-      --skip_;
-      return -1;
-    }
-    const float max_norm = pre.tile_norms[size_t(start / kTile)];
-    if (!std::isfinite(max_norm)) return -1;
-    const int64_t dp = (pre.d + 1) / 2;
-    const int64_t np = sk.prefilter_row_bf16(qb.q2.data() + l * dp,
-                                             lowered_threshold(bound, thr, qb.qnorm[size_t(l)], max_norm),
-                                             pre.rows.data() + start * dp, n, dp, passed);
-    if (np * 2 > n) {
-      backoff_ = std::min<int64_t>(2 * backoff_ + 1, kBf16MaxBackoffTiles);
-      skip_ = backoff_;
-    } else {
-      backoff_ = 0;
-    }
+    if (backoff_.skip()) return -1;
+    const int64_t np = one_query_rows(sk, qb, l, bound, pre, start, n, thr, passed);
+    if (np < 0) return -1;
+    backoff_.record(np * 2 > n);
     g_bf16_tiles.fetch_add(1, std::memory_order_relaxed);
     return np;
   }
 
  private:
-  int64_t skip_ = 0, backoff_ = 0;
+  Backoff backoff_;
 };
 
 }  // namespace
@@ -398,14 +402,10 @@ std::vector<int64_t> topk_bf16_filter_rows(const TensorView& queries, const Tens
   for (int64_t start = 0; start < items.shape[0]; start += kTile) {
     const int64_t n = std::min(kTile, items.shape[0] - start);
     if (one_query) {  // each query through the one-query kernel; the union of their rows
-      const float max_norm = pre->tile_norms[size_t(start / kTile)];
-      if (!std::isfinite(max_norm)) arg_error(kOp, "the filter does not apply to the tile at row ", start);
-      const int64_t dp = (d + 1) / 2;
       std::vector<bool> any(size_t(n), false);
       for (int64_t l = 0; l < nq; ++l) {
-        const int64_t np = sk.prefilter_row_bf16(qb.q2.data() + l * dp,
-                                                 lowered_threshold(bound, thr[l], qb.qnorm[size_t(l)], max_norm),
-                                                 pre->rows.data() + start * dp, n, dp, passed.data());
+        const int64_t np = one_query_rows(sk, qb, l, bound, *pre, start, n, thr[l], passed.data());
+        if (np < 0) arg_error(kOp, "the filter does not apply to the tile at row ", start);
         for (int64_t c = 0; c < np; ++c) any[size_t(passed[size_t(c)])] = true;
       }
       for (int64_t i = 0; i < n; ++i)
@@ -485,7 +485,8 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
       std::vector<float> thr(use_lanes ? size_t(qb.w) : 0);
       std::vector<int32_t> passed(row_filter ? size_t(kTile) : 0);
       std::vector<OneQueryFilter> one_query(row_filter ? size_t(nq) : 0);
-      std::vector<char> gathered(row_filter ? size_t(kTile * d) * (half ? 2 : 4) : 0);
+      const size_t esz = half ? 2 : 4;  // bytes per item value
+      std::vector<char> gathered(row_filter ? size_t(kTile * d) * esz : 0);
       std::optional<LaneScorer> lanes_scorer;
       if (use_lanes) lanes_scorer.emplace(sk, qb, bound, d, half, pre);
 
@@ -532,8 +533,8 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
                 if (s > heap.threshold() && !excl.excluded(q0 + l, id)) heap.push(s, id);
               }
             };
-            const size_t row_bytes = size_t(d) * (half ? 2 : 4);
-            const char* tile = static_cast<const char*>(items.data) + size_t(start * ldx) * (half ? 2 : 4);
+            const size_t row_bytes = size_t(d) * esz;
+            const char* tile = static_cast<const char*>(items.data) + size_t(start * ldx) * esz;
             for (int64_t l = 0; l < nq; ++l) {
               const float* q = q_all + (q0 + l) * d;
               const int64_t np = row_filter ? one_query[size_t(l)].candidates(sk, qb, l, bound, *pre, start, n,
@@ -545,7 +546,7 @@ void topk_inner_product(const TensorView& queries, const TensorView& items, int6
                 // The candidates side by side, so the row kernel scores them 8 at a time.
                 for (int64_t c = 0; c < np; ++c)
                   std::memcpy(gathered.data() + size_t(c) * row_bytes,
-                              tile + size_t(passed[size_t(c)] * ldx) * (half ? 2 : 4), row_bytes);
+                              tile + size_t(passed[size_t(c)] * ldx) * esz, row_bytes);
                 score_rows(my[l], q, l, gathered.data(), d, np, passed.data());
               }
             }
