@@ -48,18 +48,17 @@ class IdentityTower(nn.Module):
 
 
 class TwoTower(nn.Module):
-    def __init__(self, spec: FeatureSpec, cfg: TrainConfig, sparse: bool = True):
+    def __init__(self, spec: FeatureSpec, cfg: TrainConfig):
         super().__init__()
         self.spec = spec
         # Sparse gradients touch only the rows of a batch: the optimiser step costs
         # O(batch) instead of O(table) (SparseAdam for tables, Adam for the towers).
-        self.sparse = sparse
         self.temperature = cfg.temperature
-        # nn.EmbeddingBag modules (not bare parameters) so DistributedDataParallel knows
-        # their gradients are sparse; pooling is per field, so forward uses their weights.
+        # nn.EmbeddingBag modules (not bare parameters) so the data-parallel gradient sync
+        # knows their gradients are sparse; pooling is per field, so forward uses their weights.
         self.tables = nn.ModuleDict()
         for t in spec.tables:
-            bag = nn.EmbeddingBag(t.num_buckets, t.dim, mode="sum", sparse=sparse)
+            bag = nn.EmbeddingBag(t.num_buckets, t.dim, mode="sum", sparse=True)
             nn.init.normal_(bag.weight, std=EMBEDDING_INIT_STD)
             self.tables[t.name] = bag
         if cfg.model == "mf":
@@ -74,7 +73,7 @@ class TwoTower(nn.Module):
         for f in self.spec.side_fields(side):
             indices, offsets = bags[f.name]
             out.append(F.embedding_bag(indices, self.tables[f.table].weight, offsets, mode=f.pooling,
-                                       include_last_offset=True, sparse=self.sparse))
+                                       include_last_offset=True, sparse=True))
         return out
 
     def encode(self, side: str, bags: dict) -> torch.Tensor:
@@ -103,7 +102,7 @@ class TwoTower(nn.Module):
     def optimizers(self, lr: float) -> list[torch.optim.Optimizer]:
         tables = list(self.tables.parameters())
         dense = [p for name, p in self.named_parameters() if not name.startswith("tables.")]
-        out = [torch.optim.SparseAdam(tables, lr=lr) if self.sparse else torch.optim.Adam(tables, lr=lr)]
+        out = [torch.optim.SparseAdam(tables, lr=lr)]
         if dense:
             out.append(torch.optim.Adam(dense, lr=lr))
         return out

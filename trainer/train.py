@@ -2,7 +2,7 @@
 
     recserve train runs/retail --interactions data/interactions.csv.gz --items data/items.csv.gz
     recserve train runs/retail --resume          # continue from the last checkpoint
-    torchrun --nproc_per_node=2 -m recserve.cli.main train ...   # DistributedDataParallel
+    torchrun --nproc_per_node=2 -m recserve.cli.main train ...   # data-parallel (distributed.py)
 
 Run directory: config.json, spec.json, checkpoint.pt (after every epoch: weights, optimizer,
 losses; ``--resume`` continues from it and ends bit-identical to an uninterrupted run),
@@ -10,8 +10,9 @@ model.pt (final weights), metrics.json (per-epoch loss, throughput, held-out met
 curves.png. Deterministic given the seed, the world size and the thread count: the data
 order of epoch e is a permutation drawn from (seed, e) alone.
 
-Under torchrun every rank takes an equal share of each global batch (gloo on CPU, nccl on
-GPU); in-batch negatives are the rank's own share. Rank 0 writes the run directory.
+Under torchrun every rank takes an equal share of each global batch and the gradients are
+averaged over the ranks after each backward (gloo; see distributed.py for why not DDP);
+in-batch negatives are the rank's own share. Rank 0 writes the run directory.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,30 +31,11 @@ from recserve.server.repository import write_json
 from recserve.trainer.config import TrainConfig
 from recserve.features.csr import take_bags
 from recserve.trainer.data import Dataset, build_spec, encode_training, load_dataset
+from recserve.trainer.distributed import average_gradients, broadcast_parameters, check_ranks_in_sync, init_distributed
 from recserve.trainer.model import TwoTower
 
 CONFIG, SPEC, CHECKPOINT, MODEL, METRICS, CURVES = (
     "config.json", "spec.json", "checkpoint.pt", "model.pt", "metrics.json", "curves.png")
-
-
-@dataclass(frozen=True)
-class World:
-    rank: int = 0
-    size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed() -> World:
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
-        return World()
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    return World(dist.get_rank(), dist.get_world_size())
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -109,7 +90,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
     from recserve.trainer.evaluate import model_topk, split_test_set
     from recserve.trainer.metrics import retrieval_metrics
 
-    world = _init_distributed()
+    world = init_distributed()
     run_dir = Path(run_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -123,8 +104,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
     spec = build_spec(cfg, data)
     enc = encode_training(cfg, spec, data)
     torch.manual_seed(cfg.seed)
-    # NCCL cannot all-reduce sparse gradients; gloo (CPU) can.
-    model = TwoTower(spec, cfg, sparse=not (world.size > 1 and dist.get_backend() == "nccl"))
+    model = TwoTower(spec, cfg)
     optimizers = model.optimizers(cfg.lr)
     metrics = {"epochs": [], "step_loss": []}
     start_epoch = 0
@@ -144,7 +124,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / CONFIG, cfg.to_dict())
         write_json(run_dir / SPEC, spec.to_dict())
-    net = torch.nn.parallel.DistributedDataParallel(model) if world.size > 1 else model
+    if world.size > 1:
+        broadcast_parameters(model)
 
     counts = np.bincount(enc.example_item, minlength=len(data.catalog)).astype(np.float64)
     log_q_all = (torch.from_numpy(np.log(np.maximum(counts, 1) / counts.sum())).float()
@@ -159,10 +140,12 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
         started, losses = time.perf_counter(), []
         for step in range(steps):
             rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][world.rank::world.size]
-            loss = net(*_batch(enc, rows, log_q_all))
+            loss = model(*_batch(enc, rows, log_q_all))
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
+            if world.size > 1:
+                average_gradients(model, world.size)
             for opt in optimizers:
                 opt.step()
             losses.append(loss.item())
@@ -191,21 +174,12 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
             print(f"epoch {epoch + 1}: loss {record['loss']:.4f}, {record['examples_per_s']:,.0f} ex/s"
                   + (f", {shown}" if shown else ""), flush=True)
     if world.size > 1:
-        _check_ranks_in_sync(model)
+        check_ranks_in_sync(model)
     if world.is_main:
         _atomic_save(model.state_dict(), run_dir / MODEL)
     if world.size > 1:
         dist.barrier()
     return _summary(metrics)
-
-
-def _check_ranks_in_sync(model: torch.nn.Module) -> None:
-    """Every rank must end with the same weights (DDP all-reduces every gradient)."""
-    mine = torch.stack([p.detach().double().sum() for p in model.parameters()])
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
-    if any(not torch.equal(every[0], other) for other in every[1:]):
-        raise RuntimeError("distributed training ended with different weights on different ranks")
 
 
 def _load_checkpoint(path: Path) -> dict:
