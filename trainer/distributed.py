@@ -9,7 +9,7 @@ Why not DistributedDataParallel: its reducer all-reduces each gradient bucket on
 thread while autograd is still running, and with the tables' sparse gradients the process
 heap was corrupted now and then (2 of 76 runs of a stress loop on 2 cores, and in CI:
 "malloc(): unaligned tcache chunk detected" inside backward, or SIGSEGV inside gloo's
-allreduce reading a garbage buffer pointer, from a core dump; 0 of 80 runs since). Here
+allreduce reading a garbage buffer pointer, from a core dump; 0 of 140 runs since). Here
 the gradients are reduced after backward returns, by blocking collectives on dense tensors
 only, so one thread at a time touches them; a sparse gradient travels as its (row, value)
 pairs, gathered from every rank and summed by coalesce. The sums run in rank order on every
