@@ -80,10 +80,10 @@ def average_gradients(model: torch.nn.Module, world_size: int) -> None:
         torch.zeros((1, 0), dtype=torch.int64), p.new_zeros((0, *p.shape[1:])), p.shape)).coalesce() for p in sparse]
     # All tables in one gather of rows and one of values: a collective costs more than the bytes.
     widths = torch.tensor([p[0].numel() for p in sparse])
-    counts = torch.stack(_all_gather(torch.tensor([g._nnz() for g in grads]), world_size))  # [rank, table]
+    counts = torch.stack(_all_gather(torch.tensor([g._nnz() for g in grads])))  # [rank, table]
     row_totals, value_totals = counts.sum(1).tolist(), (counts * widths).sum(1).tolist()
-    rows = _all_gather(_pad(torch.cat([g.indices()[0] for g in grads]), max(row_totals)), world_size)
-    values = _all_gather(_pad(torch.cat([g.values().reshape(-1) for g in grads]), max(value_totals)), world_size)
+    rows = _all_gather(_pad(torch.cat([g.indices()[0] for g in grads]), max(row_totals)))
+    values = _all_gather(_pad(torch.cat([g.values().reshape(-1) for g in grads]), max(value_totals)))
     table_rows, table_values = [[] for _ in sparse], [[] for _ in sparse]
     for rank in range(world_size):
         by_table = zip(rows[rank][:row_totals[rank]].split(counts[rank].tolist()),
@@ -100,12 +100,12 @@ def average_gradients(model: torch.nn.Module, world_size: int) -> None:
 def check_ranks_in_sync(model: torch.nn.Module) -> None:
     """Every rank must end with the same weights (every gradient was averaged)."""
     mine = torch.stack([p.detach().double().sum() for p in model.parameters()])
-    if any(not torch.equal(mine, other) for other in _all_gather(mine, dist.get_world_size())):
+    if any(not torch.equal(mine, other) for other in _all_gather(mine)):
         raise RuntimeError("distributed training ended with different weights on different ranks")
 
 
-def _all_gather(tensor: torch.Tensor, world_size: int) -> list[torch.Tensor]:
-    out = [torch.empty_like(tensor) for _ in range(world_size)]
+def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(out, tensor.contiguous())
     return out
 
