@@ -12,7 +12,8 @@
 #                    of ghz, grpcurl, grpc-health-probe and the Go client (docs/clients.md)
 #
 # RECSERVE_CUDA=AUTO|ON|OFF picks the CUDA build for `make test` (default AUTO:
-# CUDA kernels only when nvcc is found).
+# CUDA kernels only when nvcc is found); RECSERVE_FRONTEND=AUTO|ON|OFF the native gRPC
+# front end (default AUTO: built when gRPC C++ is found; ON: required, and its tests too).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -32,7 +33,15 @@ $(PY):
 
 # Build deps live in the venv and the install skips build isolation, so a
 # rebuild after editing C++ is incremental (build/<wheel tag>) and takes seconds.
+# gRPC C++ (Debian's libgrpc++-dev) for the native front end, installed if missing unless
+# RECSERVE_FRONTEND=OFF; with AUTO the build goes on without it where apt cannot install it.
 $(VENV)/.installed: $(PY) $(NATIVE_SOURCES)
+	if [ "$$(echo "$${RECSERVE_FRONTEND:-AUTO}" | tr a-z A-Z)" != OFF ] && ! pkg-config --exists grpc++ 2>/dev/null; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    { $$SUDO apt-get install -y -q libgrpc++-dev libprotobuf-dev protobuf-compiler-grpc \
+	      || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q libgrpc++-dev libprotobuf-dev protobuf-compiler-grpc; }; } \
+	    || echo "recserve: could not install gRPC C++; building without the native front end"; \
+	fi
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja "grpcio-tools>=1.85.1,<1.86"
 	$(PIP) install -q --no-build-isolation -e ".[test,trainer,gpu-torch]"
 	touch $@
@@ -111,7 +120,7 @@ cuda-check:
 	$(CUDA_PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja "grpcio-tools>=1.85.1,<1.86" \
 	    nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-cccl
 	NVCC=$$($(CUDA_PY) -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'bin', 'nvcc'))"); \
-	RECSERVE_CUDA=ON $(CUDA_PIP) install -q --no-build-isolation -Cbuild-dir=build/cuda-check \
+	RECSERVE_CUDA=ON RECSERVE_FRONTEND=OFF $(CUDA_PIP) install -q --no-build-isolation -Cbuild-dir=build/cuda-check \
 	    -Ccmake.define.CMAKE_CUDA_COMPILER=$$NVCC ".[test]"
 	RECSERVE_EXPECT_CUDA_BUILD=1 $(CUDA_PY) -m pytest tests/kernels $(PYTEST_ARGS)
 

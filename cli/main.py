@@ -128,6 +128,7 @@ def _cmd_serve(args) -> None:
         "trace_exporter": args.trace_exporter, "trace_endpoint": args.trace_endpoint,
         "trace_sample_ratio": args.trace_sample_ratio, "log_format": args.log_format,
         "metrics_port": int(args.metrics_port) if args.metrics_port not in (None, "off") else None,
+        "native_port": args.native_port,
         "engine": args.engine, "device": args.device, "cuda_device": args.cuda_device,
         "gpu_engine": args.gpu_engine})
     if args.metrics_port == "off":
@@ -320,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON server config; flags override it")
     p.add_argument("--host", help="bind address (default [::])")
     p.add_argument("--port", type=int, help="gRPC port (default 8500; 0: any free port)")
+    p.add_argument("--native-port", type=int,
+                   help="also serve RecommendService on a gRPC C++ front end at this port (0: any free port)")
     p.add_argument("--max-k", type=int)
     p.add_argument("--item-dtype", choices=("float32", "float16"))
     p.add_argument("--max-batch-size", type=int)

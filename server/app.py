@@ -38,6 +38,7 @@ from recserve.server.metrics import Metrics
 from recserve.server.logs import configure_logging
 from recserve.server.reflection import enable_reflection
 from recserve.server.models import ModelRegistry
+from recserve.server.native import NativeDataPlane
 from recserve.server.tracing import Tracing
 from recserve.server.recommend import Query
 from recserve.v1 import (feature_service_pb2, feature_service_pb2_grpc, model_service_pb2, model_service_pb2_grpc,
@@ -53,9 +54,9 @@ INLINE_MAX_LOOP_BUSY = 0.6
 LOOP_BUSY_WINDOW_S = 0.02
 
 
-def _request_id(context) -> str:
+def _request_id(metadata) -> str:
     """The caller's x-request-id metadata, or a new id (made only when a call fails)."""
-    for key, value in context.invocation_metadata() or ():
+    for key, value in metadata or ():
         if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
             return value
     return uuid.uuid4().hex[:16]
@@ -63,7 +64,9 @@ def _request_id(context) -> str:
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """ServingError -> its status and message; anything else -> INTERNAL. Either way the
-    message, the x-request-id trailing metadata and the log line carry the request id."""
+    message, the x-request-id trailing metadata and the log line carry the request id.
+    Also the server's call accounting (``begin``/``end``), which the native front end's
+    calls go through too (server/native.py)."""
 
     def __init__(self):
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # one wrapper per method, not per call
@@ -86,38 +89,49 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped[method] = self._wrap(handler, method)
         return self._wrapped[method]
 
+    def begin(self, counter: str = "in_flight") -> None:
+        """A call starts (on the event loop thread): counted, and the loop's busy share sampled."""
+        wall = time.perf_counter()
+        if wall - self._window[0] >= LOOP_BUSY_WINDOW_S:
+            cpu = time.thread_time()  # the loop thread's: handlers run on it
+            self.loop_busy = (cpu - self._window[1]) / (wall - self._window[0])
+            self._window = (wall, cpu)
+        setattr(self, counter, getattr(self, counter) + 1)
+        self.idle.clear()
+
+    def end(self, counter: str = "in_flight") -> None:
+        setattr(self, counter, getattr(self, counter) - 1)
+        if self.in_flight == 0 and self.streams == 0:
+            self.idle.set()
+
+    @staticmethod
+    def failure(error: Exception, method: str, metadata) -> tuple[grpc.StatusCode, str, str]:
+        """(status code, message, request id) for a call that raised ``error``, logged."""
+        request_id = _request_id(metadata)
+        if isinstance(error, ServingError):
+            log.info("%s %s: %s", method, error.code.name, error.message,
+                     extra={"request_id": request_id, "method": method, "code": error.code.name})
+            return error.code, f"{error.message} (request id {request_id})", request_id
+        log.error("internal error in %s (request id %s)", method, request_id, exc_info=error,
+                  extra={"request_id": request_id, "method": method, "code": "INTERNAL"})
+        return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})", request_id
+
     def _wrap(self, handler, method: str):
         behavior = handler.unary_unary or handler.stream_unary
         counter = "in_flight" if handler.unary_unary else "streams"
 
         async def guarded(request, context):
-            wall = time.perf_counter()
-            if wall - self._window[0] >= LOOP_BUSY_WINDOW_S:
-                cpu = time.thread_time()  # the loop thread's: handlers run on it
-                self.loop_busy = (cpu - self._window[1]) / (wall - self._window[0])
-                self._window = (wall, cpu)
-            setattr(self, counter, getattr(self, counter) + 1)
-            self.idle.clear()
+            self.begin(counter)
             try:
                 return await behavior(request, context)
-            except ServingError as e:
-                request_id = _request_id(context)
-                log.info("%s %s: %s", method, e.code.name, e.message,
-                         extra={"request_id": request_id, "method": method, "code": e.code.name})
-                context.set_trailing_metadata((("x-request-id", request_id),))
-                await context.abort(e.code, f"{e.message} (request id {request_id})")
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
-            except Exception:
-                request_id = _request_id(context)
-                log.exception("internal error in %s (request id %s)", method, request_id,
-                              extra={"request_id": request_id, "method": method, "code": "INTERNAL"})
+            except Exception as e:
+                code, message, request_id = self.failure(e, method, context.invocation_metadata())
                 context.set_trailing_metadata((("x-request-id", request_id),))
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+                await context.abort(code, message)
             finally:
-                setattr(self, counter, getattr(self, counter) - 1)
-                if self.in_flight == 0 and self.streams == 0:
-                    self.idle.set()
+                self.end(counter)
 
         make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
         return make(guarded, request_deserializer=handler.request_deserializer,
@@ -243,6 +257,8 @@ class RecserveServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         enable_reflection(self.grpc, (RECOMMEND_SERVICE, MODEL_SERVICE, FEATURE_SERVICE, KSERVE_SERVICE,
                                       health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+        # RecommendService again on a gRPC C++ front end (server/native.py), when configured.
+        self.native = NativeDataPlane(self, share_port) if config.native_port is not None else None
         address = f"{config.host}:{config.port}"
         if config.tls_cert:
             self.port = self.grpc.add_secure_port(address, _server_credentials(config))  # RuntimeError if taken
@@ -250,7 +266,7 @@ class RecserveServer:
             self.port = self.grpc.add_insecure_port(address)
 
     def _in_flight(self) -> int:
-        """Requests being handled: unary calls, plus the extra queries of BatchRecommends."""
+        """Requests being handled: unary calls (either port), plus the extra queries of BatchRecommends."""
         return self.interceptor.in_flight + self.servicer.batch_queries
 
     def _loop_has_room(self) -> bool:
@@ -267,6 +283,8 @@ class RecserveServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", RECOMMEND_SERVICE):
             await self.health.set(service, status)
+            if self.native is not None:
+                self.native.set_serving(service, serving)
 
     async def start(self) -> None:
         """Start answering (health NOT_SERVING), then load the models (SERVING when all are)."""
@@ -275,6 +293,12 @@ class RecserveServer:
             self.features.writer = EventWriter(self.store)
         await self.grpc.start()
         log.info("listening on %s:%d", self.config.host, self.port)
+        if self.native is not None:
+            try:
+                self.native.start()  # RuntimeError if its port is taken
+            except RuntimeError:
+                await self.grpc.stop(None)
+                raise
         await self.registry.start()
         if self.registry.ready and not self.servicer.draining:
             await self._set_health(True)
@@ -285,12 +309,17 @@ class RecserveServer:
         server is not left waiting on them."""
         self.servicer.draining = True
         await self.health.enter_graceful_shutdown()
+        if self.native is not None:
+            for service in ("", RECOMMEND_SERVICE):
+                self.native.set_serving(service, False)
         try:
             await asyncio.wait_for(self.interceptor.idle.wait(), self.config.drain_timeout_s)
         except asyncio.TimeoutError:
             log.warning("drain: %d requests still running after %.0f s; stopping", self.interceptor.in_flight,
                         self.config.drain_timeout_s)
         await self.grpc.stop(grace=0.5)
+        if self.native is not None:
+            await self.native.stop(grace_s=0.5)
         if self.features.writer is not None:
             await self.features.writer.close()
         await self.registry.close()
@@ -330,6 +359,8 @@ def serve_processes(config: ServerConfig, workers: int) -> None:
     configure_logging(config.log_format)
     if config.port == 0:
         raise ValueError("--workers > 1 needs a fixed --port (the workers share it)")
+    if config.native_port == 0:
+        raise ValueError("--workers > 1 needs a fixed --native-port (the workers share it)")
     ctx = multiprocessing.get_context("spawn")
     # Each worker has its own metrics endpoint: metrics_port + its index (0: any free port).
     procs = [ctx.Process(target=_worker, name=f"recserve-worker-{i}", args=(dataclasses.replace(
@@ -379,7 +410,8 @@ async def serve(config: ServerConfig, share_port: bool = False) -> None:
     if missing:
         print(f"recserve: NOT serving {', '.join(missing)}: no loadable version (reasons in the log)",
               file=sys.stderr, flush=True)
-    print(f"recserve (pid {os.getpid()}) serving {', '.join(loaded) or 'no model'} on port {server.port}",
+    native = f" (native port {server.native.port})" if server.native is not None else ""  # the main port comes last
+    print(f"recserve (pid {os.getpid()}) serving {', '.join(loaded) or 'no model'}{native} on port {server.port}",
           flush=True)
     await stop.wait()
     log.info("draining (up to %.0f s)", config.drain_timeout_s)

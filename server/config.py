@@ -58,6 +58,9 @@ class ServerConfig:
     admin_token: str | None = None  # bearer token for recserve.v1.ModelService; None: admin disabled
     admin_token_file: str | None = None  # or read it from this file (first line)
     metrics_port: int | None = 9464  # Prometheus endpoint (0: any free port; None: no metrics)
+    # RecommendService (+ health, reflection) also on a gRPC C++ front end at this port
+    # (server/native.py; 0: any free port; None: off): less CPU per call than grpc.aio.
+    native_port: int | None = None
     feature_store: str | None = None  # LMDB feature store: user histories + live events (None: from requests)
     tls_cert: str | None = None  # PEM certificate chain: serve TLS on the gRPC port
     tls_key: str | None = None  # its PEM private key
@@ -123,6 +126,12 @@ class ServerConfig:
         if self.metrics_port is not None and (not isinstance(self.metrics_port, int)
                                               or not 0 <= self.metrics_port < 65536):
             raise ValueError(f"config: metrics_port must be 0..65535 or null, got {self.metrics_port!r}")
+        if self.native_port is not None and (not isinstance(self.native_port, int)
+                                             or isinstance(self.native_port, bool)
+                                             or not 0 <= self.native_port < 65536):
+            raise ValueError(f"config: native_port must be 0..65535 or null, got {self.native_port!r}")
+        if self.native_port and self.native_port == self.port:
+            raise ValueError(f"config: native_port and port must differ, both are {self.port}")
         if self.admin_token is not None and self.admin_token_file is not None:
             raise ValueError("config: give admin_token or admin_token_file, not both")
         token = self.admin_token

@@ -111,9 +111,9 @@ def test_the_interceptor_measures_how_busy_the_event_loop_thread_is():
         interceptor = ErrorInterceptor()
 
         async def behavior(request, context):
-            if request == "spin":  # a call that keeps the loop thread on the CPU
-                end = time.perf_counter() + 2 * LOOP_BUSY_WINDOW_S
-                while time.perf_counter() < end:
+            if request == "spin":  # a call that keeps the loop thread on the CPU for 2 windows of CPU time
+                end = time.thread_time() + 2 * LOOP_BUSY_WINDOW_S
+                while time.thread_time() < end:
                     pass
             return request
 
@@ -127,24 +127,28 @@ def test_the_interceptor_measures_how_busy_the_event_loop_thread_is():
         return busy
 
     busy = asyncio.run(main())
-    assert busy[1] > 0.6  # the window held the spinning call
-    assert busy[3] < 0.6  # mostly asleep since
+    # A CPU share of wall time: on a VM whose host steals half the time, a spinning thread
+    # shows ~0.5 (seen: 0.36), so the test compares the spinning window with the asleep one.
+    assert busy[1] > 0.2  # the window held the spinning call
+    assert busy[3] < busy[1] / 4  # mostly asleep since
 
 
-@pytest.mark.parametrize(
-    "kwargs, code, message",
-    [
-        (dict(model="nope", user_id="1", k=5), grpc.StatusCode.NOT_FOUND, "unknown model 'nope' (models: tiny)"),
-        (dict(model="tiny", user_id="1", k=5, version=9), grpc.StatusCode.NOT_FOUND, "has no version 9"),
-        (dict(model="tiny", user_id="", k=5), grpc.StatusCode.INVALID_ARGUMENT, "user_id is empty"),
-        (dict(model="tiny", user_id="1", k=0), grpc.StatusCode.INVALID_ARGUMENT, "k must be in 1..1000, got 0"),
-        (dict(model="tiny", user_id="1", k=1001), grpc.StatusCode.INVALID_ARGUMENT, "got 1001"),
-        (dict(model="", user_id="1", k=5), grpc.StatusCode.INVALID_ARGUMENT, "model is empty"),
-    ],
-)
+# (kwargs of RecommendClient.recommend, status, part of the message); test_native.py reuses them.
+ERROR_CASES = [
+    (dict(model="nope", user_id="1", k=5), grpc.StatusCode.NOT_FOUND, "unknown model 'nope' (models: tiny)"),
+    (dict(model="tiny", user_id="1", k=5, version=9), grpc.StatusCode.NOT_FOUND, "has no version 9"),
+    (dict(model="tiny", user_id="", k=5), grpc.StatusCode.INVALID_ARGUMENT, "user_id is empty"),
+    (dict(model="tiny", user_id="1", k=0), grpc.StatusCode.INVALID_ARGUMENT, "k must be in 1..1000, got 0"),
+    (dict(model="tiny", user_id="1", k=1001), grpc.StatusCode.INVALID_ARGUMENT, "got 1001"),
+    (dict(model="", user_id="1", k=5), grpc.StatusCode.INVALID_ARGUMENT, "model is empty"),
+]
+
+
+@pytest.mark.parametrize("kwargs, code, message", ERROR_CASES)
 def test_error_statuses_and_messages(server, kwargs, code, message):
     with RecommendClient(server.target) as client:
         with pytest.raises(grpc.RpcError) as e:
+            kwargs = dict(kwargs)
             client.recommend(kwargs.pop("model"), kwargs.pop("user_id"), **kwargs)
     assert e.value.code() == code
     assert message in e.value.details()

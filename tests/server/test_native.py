@@ -1,0 +1,254 @@
+"""The native data plane (server/native.py on recserve._frontend, gRPC C++): RecommendService
+on a second port, driven through the real client: the main port's answers, errors, batching,
+deadlines, health, reflection and drain."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from recserve.clients import RecommendClient
+from recserve.server.config import ServerConfig
+from recserve.server.native import native_frontend_available
+from recserve.server.retrieval import RetrievalModel
+from recserve.v1 import model_service_pb2, model_service_pb2_grpc, recommend_pb2, recommend_pb2_grpc
+from tests.server.conftest import ServerThread, server_config
+from tests.server.test_grpc import ERROR_CASES, golden
+
+# RECSERVE_FRONTEND=ON (CI) makes the build require gRPC C++, and these tests too.
+if not native_frontend_available() and os.environ.get("RECSERVE_FRONTEND", "").upper() != "ON":
+    pytest.skip("recserve._frontend was not built (gRPC C++ not found at build time: install libgrpc++-dev "
+                "and reinstall)", allow_module_level=True)
+
+
+def native_config(repo, **batching) -> ServerConfig:
+    return dataclasses.replace(server_config(repo, **batching), native_port=0)
+
+
+def native_target(s: ServerThread) -> str:
+    return f"localhost:{s.server.native.port}"
+
+
+@pytest.fixture(scope="module")
+def native(repo):
+    with ServerThread(native_config(repo, max_batch_size=32, max_queue_delay_us=2000)) as s:
+        yield s
+
+
+def test_golden_users_get_the_manifest_top_k_on_the_native_port(native, repo):
+    with RecommendClient(native_target(native)) as client:
+        for g in golden(repo):
+            request = g["request"]
+            rec = client.recommend("tiny", request["user_id"], k=g["k"], recent_items=request["history"],
+                                   context={k: v for k, v in request.items() if k not in ("user_id", "history")})
+            assert rec.item_ids == g["items"]
+            assert rec.scores == pytest.approx(g["scores"], abs=1e-5)
+            assert (rec.model, rec.version) == ("tiny", 1)
+
+
+def test_both_ports_answer_alike(native):
+    users = [str(u) for u in range(30)]
+    histories = [[f"I{(u * 3 + j) % 120:03d}" for j in range(u % 4)] for u in range(30)]
+    with RecommendClient(native_target(native)) as fast, RecommendClient(native.target) as main:
+        assert fast.batch_recommend("tiny", users, k=6, recent_items=histories) == \
+            main.batch_recommend("tiny", users, k=6, recent_items=histories)
+        assert fast.recommend("tiny", "5", k=4, exclude=["I001"]) == main.recommend("tiny", "5", k=4, exclude=["I001"])
+
+
+def test_batch_recommend_equals_offline_computation(native, repo):
+    offline = RetrievalModel.load(repo / "tiny/1")
+    users = [str(u) for u in range(40)]
+    histories = [[f"I{(u * 7 + j) % 120:03d}" for j in range(u % 5)] for u in range(40)]
+    with RecommendClient(native_target(native)) as client:
+        recs = client.batch_recommend("tiny", users, k=7, recent_items=histories)
+    expected = offline.recommend([{"user_id": u, "history": h} for u, h in zip(users, histories)], k=7)
+    assert [r.item_ids for r in recs] == [ids for ids, _ in expected]
+    for r, (_, scores) in zip(recs, expected):
+        assert r.scores == pytest.approx(scores, abs=1e-6)
+
+
+def test_64_concurrent_callers_are_batched_and_each_gets_its_own_answer(native, repo):
+    offline = RetrievalModel.load(repo / "tiny/1")
+    batcher = native.server.registry.get("tiny").batcher
+    batches_before, items_before = batcher.batches, batcher.items
+    users = [f"user-{i}" for i in range(64)]
+    with RecommendClient(native_target(native)) as client, ThreadPoolExecutor(64) as pool:
+        recs = list(pool.map(lambda u: client.recommend("tiny", u, k=5, recent_items=[f"I{len(u):03d}"],
+                                                        exclude=["I001"]), users))
+    expected = offline.recommend([{"user_id": u, "history": [f"I{len(u):03d}"]} for u in users], k=5,
+                                 exclude=[["I001"]] * len(users))
+    assert [r.item_ids for r in recs] == [ids for ids, _ in expected]
+    assert batcher.items - items_before == 64
+    assert batcher.batches - batches_before < 64
+
+
+@pytest.mark.parametrize("kwargs, code, message", ERROR_CASES)
+def test_error_statuses_and_messages(native, kwargs, code, message):
+    with RecommendClient(native_target(native)) as client:
+        with pytest.raises(grpc.RpcError) as e:
+            kwargs = dict(kwargs)
+            client.recommend(kwargs.pop("model"), kwargs.pop("user_id"), **kwargs)
+    assert e.value.code() == code
+    assert message in e.value.details()
+
+
+def test_errors_carry_the_callers_request_id(native):
+    stub = recommend_pb2_grpc.RecommendServiceStub(grpc.insecure_channel(native_target(native)))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Recommend(recommend_pb2.RecommendRequest(model="tiny", user_id="", k=3),
+                       metadata=(("x-request-id", "req-42"),))
+    assert e.value.details() == "user_id is empty (request id req-42)"
+    assert ("x-request-id", "req-42") in e.value.trailing_metadata()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.BatchRecommend(recommend_pb2.BatchRecommendRequest(requests=[
+            recommend_pb2.RecommendRequest(model="tiny", user_id="a", k=3),
+            recommend_pb2.RecommendRequest(model="tiny", user_id="", k=3)]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("requests[1]: user_id is empty (request id ")
+
+
+def test_a_malformed_request_is_internal_and_the_server_goes_on(native):
+    channel = grpc.insecure_channel(native_target(native))
+    raw = channel.unary_unary("/recserve.v1.RecommendService/Recommend")  # bytes in, bytes out
+    with pytest.raises(grpc.RpcError) as e:
+        raw(b"\x12\x09tru", timeout=10)  # field 2, 9 bytes announced, 3 sent
+    assert e.value.code() == grpc.StatusCode.INTERNAL
+    assert e.value.details() == "failed to parse the request message"
+    with RecommendClient("", channel=channel) as client:
+        assert len(client.recommend("tiny", "1", k=3).item_ids) == 3
+
+
+def test_other_services_are_unimplemented_here_with_a_pointer_to_the_main_port(native):
+    stub = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(native_target(native)))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ListModels(model_service_pb2.ListModelsRequest(), timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert e.value.details() == ("method /recserve.v1.ModelService/ListModels is not served on the native port; "
+                                 "use the server's main port")
+
+
+def test_health_and_reflection_on_the_native_port(native):
+    channel = grpc.insecure_channel(native_target(native))
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "recserve.v1.RecommendService"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    services = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"recserve.v1.RecommendService", "grpc.health.v1.Health"} <= services  # what grpcurl list shows
+    assert "recserve.v1.ModelService" not in services
+    (reply,) = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        file_containing_symbol="recserve.v1.RecommendService.Recommend")]))  # what ghz asks
+    assert any(b"recommend.proto" in f for f in reply.file_descriptor_response.file_descriptor_proto)
+    channel.close()
+
+
+def test_client_deadlines_are_honoured_before_compute(repo):
+    """A call whose deadline passes while it waits for its batch is dropped, not computed."""
+    with ServerThread(native_config(repo, max_batch_size=32, max_queue_delay_us=1_500_000)) as s, \
+            RecommendClient(native_target(s)) as client, ThreadPoolExecutor(2) as pool:
+        batcher = s.server.registry.get("tiny").batcher
+        items_before = batcher.items
+        patient = pool.submit(client.recommend, "tiny", "1", 3, timeout=20)
+        with pytest.raises(grpc.RpcError) as e:
+            client.recommend("tiny", "2", k=3, timeout=0.3)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert len(patient.result(20).item_ids) == 3
+        assert batcher.items - items_before == 1  # the expired one never reached compute
+
+
+def test_drain_answers_in_flight_calls_then_refuses(repo):
+    """Drain: health NOT_SERVING on the native port at once, calls in flight there still
+    answered, then the port closes (new calls UNAVAILABLE)."""
+    with ServerThread(native_config(repo, max_batch_size=32, max_queue_delay_us=1_000_000)) as s, \
+            RecommendClient(native_target(s)) as client, ThreadPoolExecutor(8) as pool:
+        target = native_target(s)
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+        in_flight = [pool.submit(client.recommend, "tiny", str(i), 4, timeout=20) for i in range(6)]
+        deadline = time.monotonic() + 10
+        while s.server.interceptor.in_flight < 6:  # they wait in the batcher's 1 s window
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        drained = threading.Thread(target=lambda: s.call(s.server.drain()))
+        drained.start()
+        deadline = time.monotonic() + 5
+        while health.Check(health_pb2.HealthCheckRequest(service="")).status != \
+                health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert [len(f.result(20).item_ids) for f in in_flight] == [4] * 6
+        drained.join(20)
+        with pytest.raises(grpc.RpcError) as e:
+            client.recommend("tiny", "1", k=3, timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("value, message", [
+    (True, "native_port must be 0..65535 or null, got True"),
+    (70000, "native_port must be 0..65535 or null, got 70000"),
+    ("8510", "native_port must be 0..65535 or null, got '8510'"),
+])
+def test_bad_native_ports_are_config_errors(value, message):
+    with pytest.raises(ValueError, match=message):
+        ServerConfig(repository="r", native_port=value)
+    with pytest.raises(ValueError, match="native_port and port must differ, both are 8500"):
+        ServerConfig(repository="r", port=8500, native_port=8500)
+
+
+def test_a_taken_native_port_is_an_error(native, repo):
+    taken = native.server.native.port
+    with pytest.raises(RuntimeError, match=f"could not listen on localhost:{taken}"):
+        with ServerThread(dataclasses.replace(server_config(repo), native_port=taken)):
+            pass
+    proc = subprocess.run([sys.executable, "-m", "recserve.cli", "serve", "--repository", str(repo), "--host",
+                           "localhost", "--port", "0", "--native-port", str(taken), "--metrics-port", "off"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("recserve serve: error: could not listen on localhost:") and str(taken) in last
+
+
+def test_the_cli_serves_the_native_port_and_sigterm_drains_in_flight_calls(repo):
+    import re
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recserve.cli", "serve", "--repository", str(repo), "--host", "localhost",
+         "--port", "0", "--native-port", "0", "--metrics-port", "off", "--max-queue-delay-us", "1000000"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline().strip()  # printed once the models are loaded (or it exits)
+        found = re.search(r"serving tiny \(native port (\d+)\) on port (\d+)$", first)
+        assert found, first
+        with RecommendClient(f"localhost:{found[1]}") as client, ThreadPoolExecutor(4) as pool:
+            in_flight = [pool.submit(client.recommend, "tiny", str(i), 4, timeout=20) for i in range(4)]
+            time.sleep(0.5)  # they wait in the batcher's 1 s window
+            proc.send_signal(signal.SIGTERM)
+            assert [len(f.result(20).item_ids) for f in in_flight] == [4] * 4
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_workers_need_a_fixed_native_port(repo):
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "recserve.cli", "serve", "--repository", str(repo), "--port",
+                           str(port), "--native-port", "0", "--workers", "2"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith("--workers > 1 needs a fixed --native-port (the workers share it)")
