@@ -1,4 +1,5 @@
-"""The closed-loop load pattern shared by bench/serve_load.py and bench/serve_triton.py.
+"""The closed-loop load pattern shared by bench/serve_load.py and bench/serve_triton.py
+(and free_ports, for servers told their ports).
 
 Kept free of recserve imports: the Triton client runs in its own venv, whose protobuf is
 older than the one recserve's generated stubs need.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import time
 
 import numpy as np
@@ -56,3 +58,17 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--channels", type=int, default=4, help="client connections (workers share them)")
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free right now (for servers that must be told theirs)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

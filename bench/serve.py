@@ -16,6 +16,8 @@ Contenders, same run, same requests (users with their recent items):
   floor     a bare grpc.aio RecommendService returning a precomputed 20-item reply
             (and the same as a sync grpc.server with a thread pool, to compare the stacks)
   recserve  `recserve serve` on the 10k-item model (and on the 1M-item model at c=64)
+  recserve native  the same servers, load sent to their `--native-port` (the gRPC C++ front
+            end, server/native.py) when this build has it
   triton    (with --triton-python) the same pipeline in NVIDIA Triton via pytriton
 Targets (server issue): p50 at c=1 within 1.3x of the floor; c=64 throughput >= 2x
 Triton's; 1M items at c=64 >= 400 req/s with p95 < 100 ms. Writes bench/results/serve.md.
@@ -39,6 +41,9 @@ import sys
 from pathlib import Path
 
 import grpc
+
+from closed_loop import free_ports
+from recserve.server.native import native_frontend_available
 
 HERE = Path(__file__).resolve().parent
 K = 20
@@ -107,12 +112,16 @@ def run(args) -> dict:
         "recserve 10k items": ([py, "-m", "recserve.cli", "serve", "--repository", str(repo10k), "--host",
                                 "localhost", "--port", "0"], "on port", "m", req10k, py, "recserve"),
     }
+    if native_frontend_available():  # the same server, load sent to its gRPC C++ front end
+        contenders["recserve native 10k items"] = _native(contenders["recserve 10k items"])
     if args.triton_python:
         contenders["triton 10k items"] = (
             [args.triton_python, str(HERE / "serve_triton.py"), "serve", "--repository", str(repo10k), "--k", str(K)],
             "triton serving", "m", req10k, args.triton_python, "triton")
     contenders["recserve 1M items"] = ([py, "-m", "recserve.cli", "serve", "--repository", str(repo1m), "--host",
                                         "localhost", "--port", "0"], "on port", "m", req1m, py, "recserve")
+    if native_frontend_available():
+        contenders["recserve native 1M items"] = _native(contenders["recserve 1M items"])
     if args.device == "cuda":
         for size, repo, requests in (("10k", repo10k, req10k), ("1M", repo1m, req1m)):
             contenders[f"recserve {size} items on cuda"] = (
@@ -122,10 +131,15 @@ def run(args) -> dict:
     # Rounds alternate the contenders so that the VM's slow minutes hit all of them.
     for _ in range(args.rounds):
         for name, (cmd, marker, model, requests, client_py, client) in contenders.items():
-            points = [64] if name == "recserve 1M items" else concurrencies
+            points = [64] if "1M items" in name and "cuda" not in name else concurrencies
             if name == "recserve 1M items" and args.device == "cuda":
                 points = concurrencies  # the GPU comparison needs the CPU path at every point
+            native_port = None
+            if "--native-port" in cmd:  # a fresh free port each start
+                native_port = free_ports(1)[0]
+                cmd = [*cmd[:-1], str(native_port)]
             proc, port = start(cmd, marker)
+            port = native_port or port
             try:
                 for c in points:
                     r = load(client_py, f"localhost:{port}", model, requests, c, args.seconds, client)
@@ -134,6 +148,12 @@ def run(args) -> dict:
             finally:
                 stop(proc)
     return {name: {c: _median(rs) for c, rs in points.items()} for name, points in rounds.items()}
+
+
+def _native(contender: tuple) -> tuple:
+    """The contender's server with --native-port (its value picked at each start)."""
+    cmd, *rest = contender
+    return ([*cmd, "--native-port", "0"], *rest)
 
 
 def _median(runs: list[dict]) -> dict:
@@ -159,19 +179,24 @@ def report(results: dict, args) -> str:
         for c, r in points.items():
             lines.append(f"| {name} | {c} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
                          f"{r['p99_ms']:.2f} | {sum(r['errors'].values()) or 0} |")
-    ours, floor = results["recserve 10k items"], results["floor"]
+    floor, triton = results["floor"], results.get("triton 10k items")
     lines.append("")
-    if 1 in ours:
-        ratio = ours[1]["p50_ms"] / floor[1]["p50_ms"]
-        lines.append(f"- p50 at c=1: recserve / floor = {ratio:.2f}x (target <= 1.3x: {'met' if ratio <= 1.3 else 'NOT met'})")
-    triton = results.get("triton 10k items")
-    if triton and 64 in ours:
-        ratio = ours[64]["rps"] / triton[64]["rps"]
-        lines.append(f"- c=64 throughput: recserve / Triton = {ratio:.2f}x (target >= 2x: {'met' if ratio >= 2 else 'NOT met'})")
-    big = results["recserve 1M items"][64]
-    met = big["rps"] >= 400 and big["p95_ms"] < 100
-    lines.append(f"- 1M items, c=64: {big['rps']:,.0f} req/s, p95 {big['p95_ms']:.1f} ms "
-                 f"(target >= 400 req/s and p95 < 100 ms: {'met' if met else 'NOT met'})")
+    for port in ("", "native "):  # the main (grpc.aio) port, then the gRPC C++ front end
+        ours = results.get(f"recserve {port}10k items")
+        if ours is None:
+            continue
+        if 1 in ours:
+            ratio = ours[1]["p50_ms"] / floor[1]["p50_ms"]
+            lines.append(f"- p50 at c=1: recserve {port}/ floor = {ratio:.2f}x "
+                         f"(target <= 1.3x: {'met' if ratio <= 1.3 else 'NOT met'})")
+        if triton and 64 in ours:
+            ratio = ours[64]["rps"] / triton[64]["rps"]
+            lines.append(f"- c=64 throughput: recserve {port}/ Triton = {ratio:.2f}x "
+                         f"(target >= 2x: {'met' if ratio >= 2 else 'NOT met'})")
+        big = results[f"recserve {port}1M items"][64]
+        met = big["rps"] >= 400 and big["p95_ms"] < 100
+        lines.append(f"- 1M items{port and ' native'}, c=64: {big['rps']:,.0f} req/s, p95 {big['p95_ms']:.1f} ms "
+                     f"(target >= 400 req/s and p95 < 100 ms: {'met' if met else 'NOT met'})")
     for size in ("10k", "1M"):
         gpu, cpu_path = results.get(f"recserve {size} items on cuda"), results.get(f"recserve {size} items")
         for c in sorted(set(gpu or ()) & set(cpu_path or ())):

@@ -54,7 +54,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import sysconfig
 import threading
@@ -62,22 +61,9 @@ from pathlib import Path
 
 import numpy as np
 
-from closed_loop import add_load_arguments, closed_loop
+from closed_loop import add_load_arguments, closed_loop, free_ports
 
 HISTORY_SEP = ","
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _latest_version(model_dir: Path) -> Path:
@@ -134,7 +120,7 @@ def _serve(args) -> None:
         return {"item_ids": item_ids, "scores": scores}
 
     grpc_port, http_port, metrics_port = (
-        (args.port, *_free_ports(2)) if args.port else _free_ports(3))
+        (args.port, *free_ports(2)) if args.port else free_ports(3))
     config = TritonConfig(grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
                           log_verbose=0, exit_on_error=True)
     stop = threading.Event()

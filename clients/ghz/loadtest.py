@@ -18,10 +18,14 @@ by the model's own feature spec and tables, as typed FP32 contents). The server 
 process on a free port; ghz finds the methods by server reflection (no proto files) and
 its JSON report gives p50/p95/p99 and RPS. Any error status fails the run.
 
+Where the build has the native front end the server also gets a free --native-port, and
+ghz runs Recommend and BatchRecommend against that port too.
+
 --smoke (CI) runs against that one server, with ghz bounded to 2,000 Recommend, 200
 BatchRecommend and 500 ModelInfer calls: grpc-health-probe (SERVING), grpcurl list and describe, the Go
-example command (items, and one error line with its status), then ghz. Every command is
-printed, and must appear in docs/clients.md as it ran (port 8500 there).
+example command (items, and one error line with its status), the native port's health
+probe and grpcurl list, then ghz. Every command is printed, and must appear in
+docs/clients.md as it ran (port 8500 there, the native port 8510).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -45,10 +50,13 @@ CONFIGS = {"Recommend": HERE / "recommend.json", "BatchRecommend": HERE / "batch
            "ModelInfer": HERE / "model_infer.json"}
 INFER_USERS = 500
 DOC_PORT = 8500
+DOC_NATIVE_PORT = 8510  # the server's --native-port in docs/clients.md
+NATIVE_CALLS = ("Recommend", "BatchRecommend")  # what the native port serves (ModelInfer: the main port)
 
 
 def _bench_serve():
     """bench/serve.py as a module (its build_model is the model this runs against)."""
+    sys.path.insert(0, str(ROOT / "bench"))  # its sibling modules (closed_loop)
     spec = importlib.util.spec_from_file_location("recserve_bench_serve", ROOT / "bench" / "serve.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -90,8 +98,9 @@ def _infer_requests(repo: Path, users: list[dict]) -> list[dict]:
 class Checks:
     """Runs commands from the repository root, printing each; collects failures."""
 
-    def __init__(self, port: int, check_docs: bool):
-        self.port = port
+    def __init__(self, ports: dict[int, int], check_docs: bool):
+        """``ports``: the server's ports -> the ones docs/clients.md shows."""
+        self.ports = ports
         self.failures: list[str] = []
         self.documented = _documented_commands() if check_docs else None
 
@@ -99,9 +108,9 @@ class Checks:
         """``show``: print what the command printed (indented, at most 20 lines)."""
         line = shlex.join(argv)
         print(f"$ {line}", flush=True)
-        if self.documented is not None and _normalise(line, self.port) not in self.documented:
-            self.fail(f"docs/clients.md does not show this command as the smoke runs it (port {DOC_PORT}): "
-                      f"{_normalise(line, self.port)}")
+        if self.documented is not None and _normalise(line, self.ports) not in self.documented:
+            self.fail(f"docs/clients.md does not show this command as the smoke runs it (ports "
+                      f"{DOC_PORT}, native {DOC_NATIVE_PORT}): {_normalise(line, self.ports)}")
         try:
             proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
@@ -123,17 +132,17 @@ class Checks:
                       f"stderr {proc.stderr.strip()[-500:]!r})")
 
 
-def _normalise(command: str, port: int) -> str:
-    """A command as docs/clients.md shows it: port 8500; the user and recent items of the
-    Go example are data (they depend on the synthetic model), so any value stands."""
-    command = command.replace(f"localhost:{port}", f"localhost:{DOC_PORT}")
+def _normalise(command: str, ports: dict[int, int]) -> str:
+    """A command as docs/clients.md shows it: ports 8500 (and 8510 native); the user and recent
+    items of the Go example are data (they depend on the synthetic model), so any value stands."""
+    command = re.sub(r"localhost:(\d+)", lambda m: f"localhost:{ports.get(int(m[1]), m[1])}", command)
     return re.sub(r"(-user|-recent) \S+", r"\1 ...", command)
 
 
 def _documented_commands() -> set[str]:
     if not DOCS.exists():
         return set()
-    return {_normalise(line.strip(), DOC_PORT) for line in DOCS.read_text().splitlines()
+    return {_normalise(line.strip(), {}) for line in DOCS.read_text().splitlines()
             if line.strip().startswith("build/go-bin/")}
 
 
@@ -164,13 +173,14 @@ def ghz(checks: Checks, binary: Path, call: str, target: str, data: Path, defaul
 
 
 def summary(reports: dict[str, dict], batch_users: dict[str, int]) -> str:
-    rows = [f"{'call':<16} {'calls':>7} {'users/call':>10} {'errors':>6} {'concurrency':>11} {'calls/s':>8} "
+    """``reports``: ghz's JSON report per row label ("Recommend", "Recommend native", ...)."""
+    rows = [f"{'call':<22} {'calls':>7} {'users/call':>10} {'errors':>6} {'concurrency':>11} {'calls/s':>8} "
             f"{'users/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}"]
     for call, r in reports.items():
         pct = {p["percentage"]: p["latency"] / 1e6 for p in r["latencyDistribution"] or []}
         errors = sum(n for code, n in r["statusCodeDistribution"].items() if code != "OK")
-        per = batch_users[call]
-        rows.append(f"{call:<16} {r['count']:>7} {per:>10} {errors:>6} {r['options']['concurrency']:>11} "
+        per = batch_users[call.split()[0]]
+        rows.append(f"{call:<22} {r['count']:>7} {per:>10} {errors:>6} {r['options']['concurrency']:>11} "
                     f"{r['rps']:>8.1f} {r['rps'] * per:>8.1f} {pct.get(50, float('nan')):>7.2f} "
                     f"{pct.get(95, float('nan')):>7.2f} {pct.get(99, float('nan')):>7.2f}")
     return "\n".join(rows)
@@ -212,6 +222,19 @@ def smoke_checks(checks: Checks, bin_dir: Path, target: str, data: dict[str, Pat
                   "Go example, unknown model: expected exit 1 and one line 'recommend: error: NOT_FOUND: ...'", proc)
 
 
+def native_smoke_checks(checks: Checks, bin_dir: Path, target: str) -> None:
+    """The native port: its own health and reflection, RecommendService only."""
+    b = rel(bin_dir)
+    proc = checks.run([f"{b}/grpc-health-probe", "-addr", target, "-service", "recserve.v1.RecommendService"])
+    checks.expect(proc.returncode == 0 and "status: SERVING" in proc.stdout + proc.stderr,
+                  "grpc-health-probe (native port): not SERVING", proc)
+    proc = checks.run([f"{b}/grpcurl", "-plaintext", target, "list"])
+    listed = set(proc.stdout.split())
+    checks.expect(proc.returncode == 0 and "recserve.v1.RecommendService" in listed
+                  and "recserve.v1.ModelService" not in listed,
+                  "grpcurl list (native port): expected RecommendService and not ModelService", proc)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="build/loadtest", help="model and request data (built once, reused)")
@@ -238,6 +261,7 @@ def main() -> int:
               f"(make {'ecosystem-smoke' if args.smoke else 'loadtest'} installs them)", file=sys.stderr)
         return 1
 
+    from recserve.server.native import native_frontend_available
     from recserve.server.process import start_server_process
 
     bench = _bench_serve()
@@ -248,26 +272,42 @@ def main() -> int:
     default_data = {call: ROOT / json.loads(path.read_text())["data-file"] for call, path in CONFIGS.items()}
 
     log = requests_json.parent / "server.log"
+    # The native port (gRPC C++ front end) too, where this build has it; CI (RECSERVE_FRONTEND=ON) needs it.
+    native_port = bench.free_ports(1)[0] if native_frontend_available() else None
+    if native_port is None and os.environ.get("RECSERVE_FRONTEND", "").upper() == "ON":
+        print("loadtest: error: RECSERVE_FRONTEND=ON but recserve._frontend is not built", file=sys.stderr)
+        return 1
+    native = ["--native-port", str(native_port)] if native_port else []
     cmd = [sys.executable, "-m", "recserve.cli", "serve", "--repository", str(repo), "--host", "localhost",
-           "--port", "0", "--metrics-port", "0"]
+           "--port", "0", "--metrics-port", "0", *native]
     print(f"==> $ recserve serve --repository {rel(repo)} --host localhost --port 0 --metrics-port 0 "
-          f"(log: {rel(log)})", flush=True)
+          f"{shlex.join(native)} (log: {rel(log)})", flush=True)
     with open(log, "w") as log_file:
         server, port = start_server_process(cmd, stderr=log_file, cwd=ROOT)
-    target = f"localhost:{port}"
-    checks = Checks(port, check_docs=args.smoke)
+    targets = {"": f"localhost:{port}"}
+    ports = {port: DOC_PORT}
+    if native_port:
+        targets[" native"] = f"localhost:{native_port}"
+        ports[native_port] = DOC_NATIVE_PORT
+    checks = Checks(ports, check_docs=args.smoke)
     reports = {}
     try:
         if args.smoke:
             print("==> ecosystem smoke", flush=True)
-            smoke_checks(checks, bin_dir, target, data)
-        print(f"==> ghz (server reflection, no proto files) against {target}", flush=True)
-        for call, total in (("Recommend", args.total), ("BatchRecommend", args.batch_total),
-                            ("ModelInfer", args.infer_total)):
-            report = ghz(checks, bin_dir / "ghz", call, target, data[call], default_data[call], total,
-                         args.concurrency)
-            if report is not None:
-                reports[call] = report
+            smoke_checks(checks, bin_dir, targets[""], data)
+            if native_port:
+                print("==> ecosystem smoke, native port", flush=True)
+                native_smoke_checks(checks, bin_dir, targets[" native"])
+        for label, target in targets.items():
+            print(f"==> ghz (server reflection, no proto files) against {target}", flush=True)
+            for call, total in (("Recommend", args.total), ("BatchRecommend", args.batch_total),
+                                ("ModelInfer", args.infer_total)):
+                if label and call not in NATIVE_CALLS:
+                    continue
+                report = ghz(checks, bin_dir / "ghz", call, target, data[call], default_data[call], total,
+                             args.concurrency)
+                if report is not None:
+                    reports[call + label] = report
     finally:
         bench.stop(server)
         code = server.wait()

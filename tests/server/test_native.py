@@ -23,7 +23,7 @@ from recserve.server.config import ServerConfig
 from recserve.server.native import native_frontend_available
 from recserve.server.retrieval import RetrievalModel
 from recserve.v1 import model_service_pb2, model_service_pb2_grpc, recommend_pb2, recommend_pb2_grpc
-from tests.server.conftest import ServerThread, server_config
+from tests.server.conftest import ServerThread, metric, server_config
 from tests.server.test_grpc import ERROR_CASES, golden
 
 # RECSERVE_FRONTEND=ON (CI) makes the build require gRPC C++, and these tests too.
@@ -153,6 +153,24 @@ def test_health_and_reflection_on_the_native_port(native):
         file_containing_symbol="recserve.v1.RecommendService.Recommend")]))  # what ghz asks
     assert any(b"recommend.proto" in f for f in reply.file_descriptor_response.file_descriptor_proto)
     channel.close()
+
+
+def test_native_calls_are_counted_and_traced_like_the_main_ports(repo):
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    spans = InMemorySpanExporter()
+    config = dataclasses.replace(native_config(repo), trace_sample_ratio=0.0)  # only what callers sampled
+    with ServerThread(config, span_exporter=spans) as s:
+        stub = recommend_pb2_grpc.RecommendServiceStub(grpc.insecure_channel(native_target(s)))
+        stub.Recommend(recommend_pb2.RecommendRequest(model="tiny", user_id="u1", k=2),
+                       metadata=(("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),))
+        with pytest.raises(grpc.RpcError):
+            stub.Recommend(recommend_pb2.RecommendRequest(model="nope", user_id="u1", k=2))
+        assert metric(s, "recserve_requests_total", model="tiny", code="OK") == 1
+        assert metric(s, "recserve_requests_total", model="nope", code="NOT_FOUND") == 1
+    (request,) = [x for x in spans.get_finished_spans() if x.name == "recserve.Recommend"]
+    assert format(request.context.trace_id, "032x") == trace_id
 
 
 def test_client_deadlines_are_honoured_before_compute(repo):
