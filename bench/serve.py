@@ -14,7 +14,8 @@ generator (bench/serve_load.py, closed loop) are separate processes on this mach
 
 Contenders, same run, same requests (users with their recent items):
   floor     a bare grpc.aio RecommendService returning a precomputed 20-item reply
-            (and the same as a sync grpc.server with a thread pool, to compare the stacks)
+            (and the same as a sync grpc.server with a thread pool, and on recserve's gRPC
+            C++ front end, to compare the stacks)
   recserve  `recserve serve` on the 10k-item model (and on the 1M-item model at c=64)
   recserve native  the same servers, load sent to their `--native-port` (the gRPC C++ front
             end, server/native.py) when this build has it
@@ -112,7 +113,10 @@ def run(args) -> dict:
         "recserve 10k items": ([py, "-m", "recserve.cli", "serve", "--repository", str(repo10k), "--host",
                                 "localhost", "--port", "0"], "on port", "m", req10k, py, "recserve"),
     }
-    if native_frontend_available():  # the same server, load sent to its gRPC C++ front end
+    if native_frontend_available():  # the floor on recserve's gRPC C++ front end; each server's native port
+        contenders["floor (native front end)"] = (
+            [py, str(HERE / "serve_load.py"), "floor", "--native", "--port", "0", "--k", str(K)], "floor serving", "m",
+            req10k, py, "recserve")
         contenders["recserve native 10k items"] = _native(contenders["recserve 10k items"])
     if args.triton_python:
         contenders["triton 10k items"] = (
@@ -193,6 +197,10 @@ def report(results: dict, args) -> str:
             ratio = ours[64]["rps"] / triton[64]["rps"]
             lines.append(f"- c=64 throughput: recserve {port}/ Triton = {ratio:.2f}x "
                          f"(target >= 2x: {'met' if ratio >= 2 else 'NOT met'})")
+        native_floor = results.get("floor (native front end)")
+        if port and native_floor and 1 in ours:
+            lines.append(f"- p50 at c=1: recserve native / floor (native front end) = "
+                         f"{ours[1]['p50_ms'] / native_floor[1]['p50_ms']:.2f}x (the pipeline's share)")
         big = results[f"recserve {port}1M items"][64]
         met = big["rps"] >= 400 and big["p95_ms"] < 100
         lines.append(f"- 1M items{port and ' native'}, c=64: {big['rps']:,.0f} req/s, p95 {big['p95_ms']:.1f} ms "

@@ -2,7 +2,7 @@
 
     python bench/serve_load.py load --target localhost:8500 --model m --requests req.json \
         --concurrency 64 --seconds 10 [--k 20] [--channels 4]   # prints one JSON line of results
-    python bench/serve_load.py floor --port 8600 --k 20 [--sync]  # RecommendService answering a fixed reply
+    python bench/serve_load.py floor --port 8600 --k 20 [--sync | --native]  # RecommendService, a fixed reply
 
 The load generator is closed-loop: ``concurrency`` asyncio workers each send the next
 request as soon as their previous one returns, cycling through the request file (users
@@ -87,6 +87,25 @@ async def _floor(args) -> None:
     await server.wait_for_termination()
 
 
+async def _native_floor(args) -> None:
+    """The same fixed reply from recserve's gRPC C++ front end (server/native.py's module),
+    answered in the event loop's reader callback: what the native port costs below the servicer."""
+    from recserve import _frontend
+
+    reply = _Floor(args.k).reply.SerializeToString()
+    frontend = _frontend.NativeFrontend(f"localhost:{args.port}")
+    port = frontend.start()
+
+    def answer() -> None:
+        calls, _ = frontend.take()
+        for call in calls:
+            call.finish(reply)
+
+    asyncio.get_running_loop().add_reader(frontend.fd, answer)
+    print(f"floor serving on port {port}", flush=True)
+    await asyncio.Event().wait()  # until the process is terminated
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -94,12 +113,16 @@ def main() -> None:
     p = sub.add_parser("floor")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--k", type=int, default=20)
-    p.add_argument("--sync", action="store_true", help="grpc.server with a thread pool instead of grpc.aio")
+    stack = p.add_mutually_exclusive_group()
+    stack.add_argument("--sync", action="store_true", help="grpc.server with a thread pool instead of grpc.aio")
+    stack.add_argument("--native", action="store_true", help="recserve's gRPC C++ front end instead of grpc.aio")
     args = parser.parse_args()
     if args.cmd == "load":
         print(json.dumps(asyncio.run(_load(args))), flush=True)
     elif args.sync:
         _sync_floor(args)
+    elif args.native:
+        asyncio.run(_native_floor(args))
     else:
         asyncio.run(_floor(args))
 

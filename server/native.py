@@ -9,7 +9,7 @@
 Same answers, same errors, same batcher: each call is handled by RecommendServicer's own
 Recommend / BatchRecommend on the event loop, through the server's call accounting
 (``ErrorInterceptor.begin/end``, so drain and batching see these calls too) and its error
-mapping. What differs is below Python: HTTP/2 and each call's state machine run in gRPC C++
+mapping; a call its client cancels has its task cancelled, as grpc.aio does. What differs is below Python: HTTP/2 and each call's state machine run in gRPC C++
 on its own threads (``recserve._frontend``), and Python is woken once per burst of arrivals
 (an eventfd on the loop), taking every waiting call's request bytes at once — instead of
 grpc.aio's per-call Cython objects, poller hand-offs and a coroutine per call started by
@@ -24,6 +24,7 @@ and KServe services stay on the main port; their methods answer UNIMPLEMENTED he
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from pathlib import Path
 
@@ -91,7 +92,7 @@ class NativeDataPlane:
             config.max_send_message_bytes, *tls, share_port)
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[object, asyncio.Task] = {}  # by the front end's call handle
 
     def start(self) -> int:
         """Listen (RuntimeError if the port is taken); returns the bound port."""
@@ -105,13 +106,25 @@ class NativeDataPlane:
         self._frontend.set_serving(service, serving)
 
     def _arrived(self) -> None:
-        """The eventfd is readable: every waiting call becomes a task (the loop runs them in order)."""
+        """The eventfd is readable: every waiting call becomes a task (the loop runs them in
+        order); a call its client cancelled (or whose deadline passed) has its task cancelled,
+        as grpc.aio does, so the batcher drops it before compute."""
         now = self._loop.time()
-        for call in self._frontend.take():
+        calls, cancelled = self._frontend.take()
+        for call in calls:
             timeout = call.timeout
             task = self._loop.create_task(self._handle(call, None if timeout is None else now + timeout))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks[call] = task
+            task.add_done_callback(functools.partial(self._done, call))
+        for call in cancelled:
+            task = self._tasks.get(call)
+            if task is not None:
+                task.cancel()
+
+    def _done(self, call, task: asyncio.Task) -> None:
+        del self._tasks[call]
+        if task.cancelled():  # the call must still be finished; its client no longer listens
+            call.fail(grpc.StatusCode.CANCELLED.value[0], "the call was cancelled")
 
     async def _handle(self, call, deadline: float | None) -> None:
         interceptor = self._server.interceptor
@@ -127,9 +140,6 @@ class NativeDataPlane:
                 return
             response = await behavior(request, context)
             call.finish(response.SerializeToString())
-        except asyncio.CancelledError:
-            call.fail(grpc.StatusCode.UNAVAILABLE.value[0], "server stopped before this request ran; retry")
-            raise
         except Exception as e:
             code, message, request_id = interceptor.failure(e, method, context.invocation_metadata())
             call.fail(code.value[0], message, [("x-request-id", request_id)])

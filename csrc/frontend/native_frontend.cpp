@@ -2,7 +2,8 @@
 //
 //   fe = NativeFrontend("[::]:0", max_receive_bytes, max_send_bytes)
 //   fe.start(); loop.add_reader(fe.fd, ...)     # readable when calls are waiting
-//   for call in fe.take(): ... call.finish(reply_bytes) | call.fail(code, message)
+//   calls, cancelled = fe.take()
+//   for call in calls: ... call.finish(reply_bytes) | call.fail(code, message)
 //
 // Why: grpc.aio's per-call work (Cython call objects, the poller hand-offs, a coroutine per
 // call driven by the event loop) is most of what a Recommend costs the server at 64 in
@@ -49,6 +50,8 @@ class Frontend;
 // and response buffer are valid. Held by the Python Call and by the front end's open set;
 // every caller of answer() holds a reference, so answering (which leaves the open set) never
 // frees it mid-call.
+class Call;
+
 class PendingCall {
  public:
   PendingCall(Frontend* frontend, grpc::CallbackServerContext* context, grpc::ServerUnaryReactor* reactor,
@@ -58,6 +61,7 @@ class PendingCall {
   bool answer(const grpc::Status& status, std::string* reply,
               const std::vector<std::pair<std::string, std::string>>& trailing);
   std::vector<std::pair<std::string, std::string>> metadata();
+  std::weak_ptr<Call> handle;  // Python's handle, to tell Python of a cancellation (set on arrival)
 
  private:
   Frontend* frontend_;
@@ -66,6 +70,19 @@ class PendingCall {
   grpc::ByteBuffer* response_;
   std::mutex mutex_;
   bool answered_ = false;
+};
+
+// gRPC's side of one call: lives until OnDone (after Finish). Its only reaction is the
+// client's cancellation, passed to Python so that the request is not computed for nobody.
+class UnaryReactor final : public grpc::ServerUnaryReactor {
+ public:
+  explicit UnaryReactor(Frontend* frontend) : frontend_(frontend) {}
+  void OnCancel() override;
+  void OnDone() override { delete this; }
+  std::weak_ptr<PendingCall> pending;
+
+ private:
+  Frontend* frontend_;
 };
 
 // What Python holds: a handle on a waiting call.
@@ -112,15 +129,19 @@ class Frontend {
   int start();
   int fd() const { return fd_; }
   int port() const { return port_; }
-  std::vector<std::shared_ptr<Call>> take();
+  // (calls that arrived, calls their clients cancelled), each oldest first.
+  std::pair<std::vector<std::shared_ptr<Call>>, std::vector<std::shared_ptr<Call>>> take();
   void set_serving(const std::string& service, bool serving) {
     if (server_) server_->GetHealthCheckService()->SetServingStatus(service, serving);
   }
   void shutdown(double grace_s);
 
   // Called on gRPC's threads.
+  // Queues a call on `list` (queue_ or cancelled_; under mutex_), waking Python if both were empty.
+  void push(std::vector<std::shared_ptr<Call>>& list, std::shared_ptr<Call> call);
   grpc::ServerUnaryReactor* arrived(const std::string& method, grpc::CallbackServerContext* context,
                                     const grpc::ByteBuffer* request, grpc::ByteBuffer* response);
+  void cancelled(const std::shared_ptr<PendingCall>& call);
   void answered(PendingCall* call) {
     std::lock_guard<std::mutex> lock(mutex_);
     open_.erase(call);
@@ -174,6 +195,7 @@ class Frontend {
   std::unique_ptr<grpc::Server> server_;
   std::mutex mutex_;
   std::vector<std::shared_ptr<Call>> queue_;                               // arrived, not yet taken by Python
+  std::vector<std::shared_ptr<Call>> cancelled_;                           // cancelled by the client, not yet taken
   std::unordered_map<PendingCall*, std::shared_ptr<PendingCall>> open_;  // arrived, not yet answered
   bool closing_ = false;
   bool stopped_ = false;
@@ -269,7 +291,7 @@ int Frontend::start() {
 
 grpc::ServerUnaryReactor* Frontend::arrived(const std::string& method, grpc::CallbackServerContext* context,
                                             const grpc::ByteBuffer* request, grpc::ByteBuffer* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto* reactor = new UnaryReactor(this);
   std::optional<double> timeout;
   auto deadline = context->deadline();
   if (deadline != std::chrono::system_clock::time_point::max()) {
@@ -283,33 +305,53 @@ grpc::ServerUnaryReactor* Frontend::arrived(const std::string& method, grpc::Cal
     return reactor;
   }
   auto pending = std::make_shared<PendingCall>(this, context, reactor, response);
+  reactor->pending = pending;
   open_.emplace(pending.get(), pending);
-  bool was_empty = queue_.empty();
-  queue_.push_back(std::make_shared<Call>(std::move(pending), method, std::move(bytes), timeout));
+  auto call = std::make_shared<Call>(pending, method, std::move(bytes), timeout);
+  pending->handle = call;
+  push(queue_, std::move(call));
+  return reactor;
+}
+
+void Frontend::push(std::vector<std::shared_ptr<Call>>& list, std::shared_ptr<Call> call) {
+  bool was_empty = queue_.empty() && cancelled_.empty();
+  list.push_back(std::move(call));
   if (was_empty) {
     uint64_t one = 1;
     (void)!write(fd_, &one, sizeof one);  // wakes the event loop's reader
   }
-  return reactor;
 }
 
-std::vector<std::shared_ptr<Call>> Frontend::take() {
-  std::vector<std::shared_ptr<Call>> calls;
+void UnaryReactor::OnCancel() {
+  if (auto call = pending.lock()) frontend_->cancelled(call);
+}
+
+void Frontend::cancelled(const std::shared_ptr<PendingCall>& pending) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto call = pending->handle.lock();
+  if (closing_ || !call || open_.count(pending.get()) == 0) return;  // answered already: nothing to stop
+  push(cancelled_, std::move(call));
+}
+
+std::pair<std::vector<std::shared_ptr<Call>>, std::vector<std::shared_ptr<Call>>> Frontend::take() {
+  std::pair<std::vector<std::shared_ptr<Call>>, std::vector<std::shared_ptr<Call>>> out;
   std::lock_guard<std::mutex> lock(mutex_);
   uint64_t count;
   (void)!read(fd_, &count, sizeof count);  // reset under the lock: the next arrival writes again
-  calls.swap(queue_);
-  return calls;
+  out.first.swap(queue_);
+  out.second.swap(cancelled_);
+  return out;
 }
 
 void Frontend::shutdown(double grace_s) {
   std::vector<std::shared_ptr<PendingCall>> open;
-  std::vector<std::shared_ptr<Call>> queued;  // released after they are answered below
+  std::vector<std::shared_ptr<Call>> queued, cancelled;  // released after they are answered below
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (stopped_ || !server_) return;
     closing_ = true;
     queued.swap(queue_);
+    cancelled.swap(cancelled_);
   }
   server_->GetHealthCheckService()->Shutdown();  // NOT_SERVING from now on
   {
@@ -349,7 +391,8 @@ PYBIND11_MODULE(_frontend, m) {
       .def("start", &Frontend::start, "listen; returns the bound port (health NOT_SERVING until set_serving)")
       .def_property_readonly("fd", &Frontend::fd, "an eventfd, readable when calls wait to be taken")
       .def_property_readonly("port", &Frontend::port)
-      .def("take", &Frontend::take, "every call waiting, oldest first")
+      .def("take", &Frontend::take,
+           "(calls waiting, calls their clients cancelled since): each list oldest first")
       .def("set_serving", &Frontend::set_serving, py::arg("service"), py::arg("serving"))
       .def("shutdown", &Frontend::shutdown, py::arg("grace_s") = 0.0,
            "refuse new calls, answer unanswered ones UNAVAILABLE, stop listening");

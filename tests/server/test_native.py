@@ -187,6 +187,27 @@ def test_client_deadlines_are_honoured_before_compute(repo):
         assert batcher.items - items_before == 1  # the expired one never reached compute
 
 
+def test_a_call_its_client_cancels_is_dropped_before_compute(repo):
+    with ServerThread(native_config(repo, max_batch_size=32, max_queue_delay_us=1_000_000)) as s, \
+            RecommendClient(native_target(s)) as client:
+        batcher = s.server.registry.get("tiny").batcher
+        items_before = batcher.items
+        stub = recommend_pb2_grpc.RecommendServiceStub(grpc.insecure_channel(native_target(s)))
+        future = stub.Recommend.future(recommend_pb2.RecommendRequest(model="tiny", user_id="1", k=3))
+        deadline = time.monotonic() + 10
+        while s.server.interceptor.in_flight < 1:  # it waits in the batcher's 1 s window
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        future.cancel()
+        cancelled_at = time.monotonic()
+        while s.server.interceptor.in_flight > 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert time.monotonic() - cancelled_at < 0.9  # its handler stopped, not answered by the batch
+        assert len(client.recommend("tiny", "2", k=3).item_ids) == 3  # after the window closed
+        assert batcher.items - items_before == 1  # only the second call was computed
+
+
 def test_drain_answers_in_flight_calls_then_refuses(repo):
     """Drain: health NOT_SERVING on the native port at once, calls in flight there still
     answered, then the port closes (new calls UNAVAILABLE)."""
@@ -255,6 +276,37 @@ def test_the_cli_serves_the_native_port_and_sigterm_drains_in_flight_calls(repo)
             time.sleep(0.5)  # they wait in the batcher's 1 s window
             proc.send_signal(signal.SIGTERM)
             assert [len(f.result(20).item_ids) for f in in_flight] == [4] * 4
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_worker_processes_share_the_native_port(repo):
+    import signal
+
+    sockets = [socket.socket() for _ in range(2)]
+    for probe in sockets:  # two free ports for the workers to share
+        probe.bind(("localhost", 0))
+    port, native_port = (probe.getsockname()[1] for probe in sockets)
+    for probe in sockets:
+        probe.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recserve.cli", "serve", "--repository", str(repo), "--host", "localhost",
+         "--port", str(port), "--native-port", str(native_port), "--workers", "2", "--metrics-port", "off"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert all(f"(native port {native_port}) on port {port}" in line for line in lines), lines
+        assert len({line.split("pid ")[1].split(")")[0] for line in lines}) == 2
+        answered = set()
+        for _ in range(8):  # fresh connections land on either worker
+            channel = grpc.insecure_channel(f"localhost:{native_port}",
+                                            options=[("grpc.use_local_subchannel_pool", 1)])
+            with RecommendClient("", channel=channel) as client:
+                answered.add(tuple(client.recommend("tiny", "7", k=3, timeout=10).item_ids))
+        assert len(answered) == 1
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
