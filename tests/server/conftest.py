@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import threading
 from pathlib import Path
 
@@ -76,6 +78,34 @@ def server_config(repo: Path, **batching) -> ServerConfig:
                         batching=BatchingConfig(**batching))
 
 
+def native_required() -> bool:
+    """RECSERVE_FRONTEND=ON (CI) makes the build require the native front end, and its tests too."""
+    return os.environ.get("RECSERVE_FRONTEND", "").upper() == "ON"
+
+
+def skip_without_native() -> None:
+    from recserve.server.native import native_frontend_available
+
+    if not native_frontend_available() and not native_required():
+        pytest.skip("recserve._frontend was not built (gRPC C++ not found at build time: install libgrpc++-dev "
+                    "and reinstall)")
+
+
+def with_native_port(config: ServerConfig) -> ServerConfig:
+    """``config`` also serving on a native port (any free one) where this build has the front end."""
+    from recserve.server.native import native_frontend_available
+
+    return dataclasses.replace(config, native_port=0) if native_frontend_available() or native_required() else config
+
+
+def target_of(server: ServerThread, port: str) -> str:
+    """The address of the server's ``port``: "main" (grpc.aio) or "native" (gRPC C++ front end)."""
+    if port == "main":
+        return server.target
+    skip_without_native()
+    return f"localhost:{server.server.native.port}"
+
+
 @pytest.fixture(scope="session")
 def server_run(tiny_data, tmp_path_factory) -> Path:
     """A trained tiny two-tower run (export it for more versions)."""
@@ -98,5 +128,6 @@ def repo(server_run, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo):
-    with ServerThread(server_config(repo, max_batch_size=32, max_queue_delay_us=2000)) as s:
+    """The shared test server: its main port and, where built, a native port."""
+    with ServerThread(with_native_port(server_config(repo, max_batch_size=32, max_queue_delay_us=2000))) as s:
         yield s

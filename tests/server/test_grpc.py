@@ -14,16 +14,19 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from recserve.clients import RecommendClient
 from recserve.server.retrieval import RetrievalModel
-from tests.server.conftest import ServerThread, server_config
+from tests.server.conftest import ServerThread, server_config, target_of
+
+PORTS = ["main", "native"]  # the grpc.aio port, and the gRPC C++ front end's (server/native.py)
 
 
 def golden(repo):
     return json.loads((repo / "tiny/1/manifest.json").read_text())["golden"]
 
 
-def test_golden_users_get_the_manifest_top_k(server, repo):
+@pytest.mark.parametrize("port", PORTS)
+def test_golden_users_get_the_manifest_top_k(server, repo, port):
     """Zero train/serve skew: the served answer is what export promised."""
-    with RecommendClient(server.target) as client:
+    with RecommendClient(target_of(server, port)) as client:
         for g in golden(repo):
             request = g["request"]
             rec = client.recommend("tiny", request["user_id"], k=g["k"], recent_items=request["history"],
@@ -33,11 +36,12 @@ def test_golden_users_get_the_manifest_top_k(server, repo):
             assert (rec.model, rec.version) == ("tiny", 1)
 
 
-def test_batch_recommend_equals_offline_computation(server, repo):
+@pytest.mark.parametrize("port", PORTS)
+def test_batch_recommend_equals_offline_computation(server, repo, port):
     offline = RetrievalModel.load(repo / "tiny/1")
     users = [str(u) for u in range(40)]
     histories = [[f"I{(u * 7 + j) % 120:03d}" for j in range(u % 5)] for u in range(40)]
-    with RecommendClient(server.target) as client:
+    with RecommendClient(target_of(server, port)) as client:
         recs = client.batch_recommend("tiny", users, k=7, recent_items=histories)
     expected = offline.recommend([{"user_id": u, "history": h} for u, h in zip(users, histories)], k=7)
     assert [r.item_ids for r in recs] == [ids for ids, _ in expected]
@@ -64,12 +68,13 @@ def test_served_versions_search_prepared_items_with_the_plain_matrix_results(ser
     assert [r.scores for r in recs] == [s.tolist() for s in scores]
 
 
-def test_64_concurrent_callers_each_get_their_own_answer(server, repo):
+@pytest.mark.parametrize("port", PORTS)
+def test_64_concurrent_callers_each_get_their_own_answer(server, repo, port):
     offline = RetrievalModel.load(repo / "tiny/1")
     served = server.server.registry.get("tiny")
     batches_before, items_before = served.batcher.batches, served.batcher.items
     users = [f"user-{i}" for i in range(64)]
-    with RecommendClient(server.target) as client, ThreadPoolExecutor(64) as pool:
+    with RecommendClient(target_of(server, port)) as client, ThreadPoolExecutor(64) as pool:
         recs = list(pool.map(lambda u: client.recommend("tiny", u, k=5, recent_items=[f"I{len(u):03d}"],
                                                         exclude=["I001"]), users))
     expected = offline.recommend([{"user_id": u, "history": [f"I{len(u):03d}"]} for u in users], k=5,
@@ -133,7 +138,7 @@ def test_the_interceptor_measures_how_busy_the_event_loop_thread_is():
     assert busy[3] < busy[1] / 4  # mostly asleep since
 
 
-# (kwargs of RecommendClient.recommend, status, part of the message); test_native.py reuses them.
+# (kwargs of RecommendClient.recommend, status, part of the message)
 ERROR_CASES = [
     (dict(model="nope", user_id="1", k=5), grpc.StatusCode.NOT_FOUND, "unknown model 'nope' (models: tiny)"),
     (dict(model="tiny", user_id="1", k=5, version=9), grpc.StatusCode.NOT_FOUND, "has no version 9"),
@@ -144,9 +149,10 @@ ERROR_CASES = [
 ]
 
 
+@pytest.mark.parametrize("port", PORTS)
 @pytest.mark.parametrize("kwargs, code, message", ERROR_CASES)
-def test_error_statuses_and_messages(server, kwargs, code, message):
-    with RecommendClient(server.target) as client:
+def test_error_statuses_and_messages(server, kwargs, code, message, port):
+    with RecommendClient(target_of(server, port)) as client:
         with pytest.raises(grpc.RpcError) as e:
             kwargs = dict(kwargs)
             client.recommend(kwargs.pop("model"), kwargs.pop("user_id"), **kwargs)
@@ -154,8 +160,9 @@ def test_error_statuses_and_messages(server, kwargs, code, message):
     assert message in e.value.details()
 
 
-def test_batch_errors_name_the_request(server):
-    with RecommendClient(server.target) as client:
+@pytest.mark.parametrize("port", PORTS)
+def test_batch_errors_name_the_request(server, port):
+    with RecommendClient(target_of(server, port)) as client:
         with pytest.raises(grpc.RpcError) as e:
             client.batch_recommend("tiny", ["a", ""], k=3)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT

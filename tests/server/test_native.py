@@ -1,11 +1,11 @@
 """The native data plane (server/native.py on recserve._frontend, gRPC C++): RecommendService
-on a second port, driven through the real client: the main port's answers, errors, batching,
-deadlines, health, reflection and drain."""
+on a second port, driven through the real client: deadlines, cancellation, health,
+reflection, drain, config and CLI. (Answers, batching and error statuses on both ports:
+test_grpc.py, parametrized over the ports.)"""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 import subprocess
 import sys
@@ -20,16 +20,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from recserve.clients import RecommendClient
 from recserve.server.config import ServerConfig
-from recserve.server.native import native_frontend_available
-from recserve.server.retrieval import RetrievalModel
 from recserve.v1 import model_service_pb2, model_service_pb2_grpc, recommend_pb2, recommend_pb2_grpc
-from tests.server.conftest import ServerThread, metric, server_config
-from tests.server.test_grpc import ERROR_CASES, golden
+from tests.server.conftest import ServerThread, metric, server_config, skip_without_native, target_of
 
-# RECSERVE_FRONTEND=ON (CI) makes the build require gRPC C++, and these tests too.
-if not native_frontend_available() and os.environ.get("RECSERVE_FRONTEND", "").upper() != "ON":
-    pytest.skip("recserve._frontend was not built (gRPC C++ not found at build time: install libgrpc++-dev "
-                "and reinstall)", allow_module_level=True)
+
+@pytest.fixture(autouse=True)
+def _native_built():
+    skip_without_native()
 
 
 def native_config(repo, **batching) -> ServerConfig:
@@ -37,89 +34,29 @@ def native_config(repo, **batching) -> ServerConfig:
 
 
 def native_target(s: ServerThread) -> str:
-    return f"localhost:{s.server.native.port}"
+    return target_of(s, "native")
 
 
-@pytest.fixture(scope="module")
-def native(repo):
-    with ServerThread(native_config(repo, max_batch_size=32, max_queue_delay_us=2000)) as s:
-        yield s
-
-
-def test_golden_users_get_the_manifest_top_k_on_the_native_port(native, repo):
-    with RecommendClient(native_target(native)) as client:
-        for g in golden(repo):
-            request = g["request"]
-            rec = client.recommend("tiny", request["user_id"], k=g["k"], recent_items=request["history"],
-                                   context={k: v for k, v in request.items() if k not in ("user_id", "history")})
-            assert rec.item_ids == g["items"]
-            assert rec.scores == pytest.approx(g["scores"], abs=1e-5)
-            assert (rec.model, rec.version) == ("tiny", 1)
-
-
-def test_both_ports_answer_alike(native):
+def test_both_ports_answer_alike(server):
     users = [str(u) for u in range(30)]
     histories = [[f"I{(u * 3 + j) % 120:03d}" for j in range(u % 4)] for u in range(30)]
-    with RecommendClient(native_target(native)) as fast, RecommendClient(native.target) as main:
+    with RecommendClient(native_target(server)) as fast, RecommendClient(server.target) as main:
         assert fast.batch_recommend("tiny", users, k=6, recent_items=histories) == \
             main.batch_recommend("tiny", users, k=6, recent_items=histories)
         assert fast.recommend("tiny", "5", k=4, exclude=["I001"]) == main.recommend("tiny", "5", k=4, exclude=["I001"])
 
 
-def test_batch_recommend_equals_offline_computation(native, repo):
-    offline = RetrievalModel.load(repo / "tiny/1")
-    users = [str(u) for u in range(40)]
-    histories = [[f"I{(u * 7 + j) % 120:03d}" for j in range(u % 5)] for u in range(40)]
-    with RecommendClient(native_target(native)) as client:
-        recs = client.batch_recommend("tiny", users, k=7, recent_items=histories)
-    expected = offline.recommend([{"user_id": u, "history": h} for u, h in zip(users, histories)], k=7)
-    assert [r.item_ids for r in recs] == [ids for ids, _ in expected]
-    for r, (_, scores) in zip(recs, expected):
-        assert r.scores == pytest.approx(scores, abs=1e-6)
-
-
-def test_64_concurrent_callers_are_batched_and_each_gets_its_own_answer(native, repo):
-    offline = RetrievalModel.load(repo / "tiny/1")
-    batcher = native.server.registry.get("tiny").batcher
-    batches_before, items_before = batcher.batches, batcher.items
-    users = [f"user-{i}" for i in range(64)]
-    with RecommendClient(native_target(native)) as client, ThreadPoolExecutor(64) as pool:
-        recs = list(pool.map(lambda u: client.recommend("tiny", u, k=5, recent_items=[f"I{len(u):03d}"],
-                                                        exclude=["I001"]), users))
-    expected = offline.recommend([{"user_id": u, "history": [f"I{len(u):03d}"]} for u in users], k=5,
-                                 exclude=[["I001"]] * len(users))
-    assert [r.item_ids for r in recs] == [ids for ids, _ in expected]
-    assert batcher.items - items_before == 64
-    assert batcher.batches - batches_before < 64
-
-
-@pytest.mark.parametrize("kwargs, code, message", ERROR_CASES)
-def test_error_statuses_and_messages(native, kwargs, code, message):
-    with RecommendClient(native_target(native)) as client:
-        with pytest.raises(grpc.RpcError) as e:
-            kwargs = dict(kwargs)
-            client.recommend(kwargs.pop("model"), kwargs.pop("user_id"), **kwargs)
-    assert e.value.code() == code
-    assert message in e.value.details()
-
-
-def test_errors_carry_the_callers_request_id(native):
-    stub = recommend_pb2_grpc.RecommendServiceStub(grpc.insecure_channel(native_target(native)))
+def test_errors_carry_the_callers_request_id(server):
+    stub = recommend_pb2_grpc.RecommendServiceStub(grpc.insecure_channel(native_target(server)))
     with pytest.raises(grpc.RpcError) as e:
         stub.Recommend(recommend_pb2.RecommendRequest(model="tiny", user_id="", k=3),
                        metadata=(("x-request-id", "req-42"),))
     assert e.value.details() == "user_id is empty (request id req-42)"
     assert ("x-request-id", "req-42") in e.value.trailing_metadata()
-    with pytest.raises(grpc.RpcError) as e:
-        stub.BatchRecommend(recommend_pb2.BatchRecommendRequest(requests=[
-            recommend_pb2.RecommendRequest(model="tiny", user_id="a", k=3),
-            recommend_pb2.RecommendRequest(model="tiny", user_id="", k=3)]))
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert e.value.details().startswith("requests[1]: user_id is empty (request id ")
 
 
-def test_a_malformed_request_is_internal_and_the_server_goes_on(native):
-    channel = grpc.insecure_channel(native_target(native))
+def test_a_malformed_request_is_internal_and_the_server_goes_on(server):
+    channel = grpc.insecure_channel(native_target(server))
     raw = channel.unary_unary("/recserve.v1.RecommendService/Recommend")  # bytes in, bytes out
     with pytest.raises(grpc.RpcError) as e:
         raw(b"\x12\x09tru", timeout=10)  # field 2, 9 bytes announced, 3 sent
@@ -129,8 +66,8 @@ def test_a_malformed_request_is_internal_and_the_server_goes_on(native):
         assert len(client.recommend("tiny", "1", k=3).item_ids) == 3
 
 
-def test_other_services_are_unimplemented_here_with_a_pointer_to_the_main_port(native):
-    stub = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(native_target(native)))
+def test_other_services_are_unimplemented_here_with_a_pointer_to_the_main_port(server):
+    stub = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(native_target(server)))
     with pytest.raises(grpc.RpcError) as e:
         stub.ListModels(model_service_pb2.ListModelsRequest(), timeout=10)
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -138,8 +75,8 @@ def test_other_services_are_unimplemented_here_with_a_pointer_to_the_main_port(n
                                  "use the server's main port")
 
 
-def test_health_and_reflection_on_the_native_port(native):
-    channel = grpc.insecure_channel(native_target(native))
+def test_health_and_reflection_on_the_native_port(server):
+    channel = grpc.insecure_channel(native_target(server))
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "recserve.v1.RecommendService"):
         assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
@@ -246,8 +183,8 @@ def test_bad_native_ports_are_config_errors(value, message):
         ServerConfig(repository="r", port=8500, native_port=8500)
 
 
-def test_a_taken_native_port_is_an_error(native, repo):
-    taken = native.server.native.port
+def test_a_taken_native_port_is_an_error(server, repo):
+    taken = server.server.native.port
     with pytest.raises(RuntimeError, match=f"could not listen on localhost:{taken}"):
         with ServerThread(dataclasses.replace(server_config(repo), native_port=taken)):
             pass

@@ -15,8 +15,7 @@ import grpc
 import pytest
 
 from recserve.clients import ChannelOptions, RecommendClient
-from recserve.server.native import native_frontend_available
-from tests.server.conftest import ServerThread, server_config
+from tests.server.conftest import ServerThread, server_config, with_native_port
 
 
 def _key():
@@ -73,9 +72,9 @@ def pki(tmp_path_factory):
 
 def _tls(repo, pki, mutual: bool):
     """TLS on the main port, and on a native port where this build has the front end."""
-    return replace(server_config(repo), tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server-key.pem"),
-                   tls_client_ca=str(pki / "ca.pem") if mutual else None,
-                   native_port=0 if native_frontend_available() else None)
+    return with_native_port(replace(server_config(repo), tls_cert=str(pki / "server.pem"),
+                                    tls_key=str(pki / "server-key.pem"),
+                                    tls_client_ca=str(pki / "ca.pem") if mutual else None))
 
 
 def _targets(s: ServerThread) -> list[str]:
