@@ -283,8 +283,8 @@ class RecserveServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", RECOMMEND_SERVICE):
             await self.health.set(service, status)
-            if self.native is not None:
-                self.native.set_serving(service, serving)
+        if self.native is not None:
+            self.native.set_serving(serving)
 
     async def start(self) -> None:
         """Start answering (health NOT_SERVING), then load the models (SERVING when all are)."""
@@ -310,8 +310,7 @@ class RecserveServer:
         self.servicer.draining = True
         await self.health.enter_graceful_shutdown()
         if self.native is not None:
-            for service in ("", RECOMMEND_SERVICE):
-                self.native.set_serving(service, False)
+            self.native.set_serving(False)
         try:
             await asyncio.wait_for(self.interceptor.idle.wait(), self.config.drain_timeout_s)
         except asyncio.TimeoutError:

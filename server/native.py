@@ -74,7 +74,8 @@ class NativeDataPlane:
         config = server.config
         self._server = server
         servicer = server.servicer
-        prefix = f"/{recommend_pb2.DESCRIPTOR.services_by_name['RecommendService'].full_name}/"
+        self._service = recommend_pb2.DESCRIPTOR.services_by_name["RecommendService"].full_name
+        prefix = f"/{self._service}/"
         self._methods = {
             prefix + "Recommend": (recommend_pb2.RecommendRequest.FromString, servicer.Recommend),
             prefix + "BatchRecommend": (recommend_pb2.BatchRecommendRequest.FromString, servicer.BatchRecommend),
@@ -102,8 +103,10 @@ class NativeDataPlane:
         log.info("native front end listening on %s:%d", self._server.config.host, self.port)
         return self.port
 
-    def set_serving(self, service: str, serving: bool) -> None:
-        self._frontend.set_serving(service, serving)
+    def set_serving(self, serving: bool) -> None:
+        """This port's health, for the server ("") and RecommendService, as on the main port."""
+        for service in ("", self._service):
+            self._frontend.set_serving(service, serving)
 
     def _arrived(self) -> None:
         """The eventfd is readable: every waiting call becomes a task (the loop runs them in

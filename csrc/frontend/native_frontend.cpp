@@ -58,7 +58,7 @@ class PendingCall {
               grpc::ByteBuffer* response)
       : frontend_(frontend), context_(context), reactor_(reactor), response_(response) {}
   // Answers once; later calls (Python after a shutdown answered it) do nothing and return false.
-  bool answer(const grpc::Status& status, std::string* reply,
+  bool answer(const grpc::Status& status, grpc::Slice* reply,
               const std::vector<std::pair<std::string, std::string>>& trailing);
   std::vector<std::pair<std::string, std::string>> metadata();
   std::weak_ptr<Call> handle;  // Python's handle, to tell Python of a cancellation (set on arrival)
@@ -212,7 +212,7 @@ std::string bytes_of(const grpc::ByteBuffer& buffer) {
   return out;
 }
 
-bool PendingCall::answer(const grpc::Status& status, std::string* reply,
+bool PendingCall::answer(const grpc::Status& status, grpc::Slice* reply,
                          const std::vector<std::pair<std::string, std::string>>& trailing) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -222,8 +222,7 @@ bool PendingCall::answer(const grpc::Status& status, std::string* reply,
   frontend_->answered(this);
   for (const auto& [key, value] : trailing) context_->AddTrailingMetadata(key, value);
   if (reply != nullptr && status.ok()) {
-    grpc::Slice slice(std::move(*reply));
-    *response_ = grpc::ByteBuffer(&slice, 1);
+    *response_ = grpc::ByteBuffer(reply, 1);
   }
   reactor_->Finish(status);
   return true;
@@ -243,7 +242,7 @@ bool Call::finish(const py::bytes& reply) {
   char* data = nullptr;
   Py_ssize_t size = 0;
   if (PyBytes_AsStringAndSize(reply.ptr(), &data, &size) != 0) throw py::error_already_set();
-  std::string bytes(data, size);
+  grpc::Slice bytes(data, static_cast<size_t>(size));  // the one copy of the reply
   return pending_->answer(grpc::Status::OK, &bytes, {});
 }
 

@@ -1,6 +1,6 @@
 """The native data plane (server/native.py on recserve._frontend, gRPC C++): RecommendService
 on a second port, driven through the real client: deadlines, cancellation, health,
-reflection, drain, config and CLI. (Answers, batching and error statuses on both ports:
+drain, config and CLI. (Answers, batching, error statuses, health and reflection on both ports:
 test_grpc.py, parametrized over the ports.)"""
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from recserve.clients import RecommendClient
 from recserve.server.config import ServerConfig
@@ -73,23 +72,6 @@ def test_other_services_are_unimplemented_here_with_a_pointer_to_the_main_port(s
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert e.value.details() == ("method /recserve.v1.ModelService/ListModels is not served on the native port; "
                                  "use the server's main port")
-
-
-def test_health_and_reflection_on_the_native_port(server):
-    channel = grpc.insecure_channel(native_target(server))
-    health = health_pb2_grpc.HealthStub(channel)
-    for service in ("", "recserve.v1.RecommendService"):
-        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
-            health_pb2.HealthCheckResponse.SERVING
-    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-    responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
-    services = {s.name for r in responses for s in r.list_services_response.service}
-    assert {"recserve.v1.RecommendService", "grpc.health.v1.Health"} <= services  # what grpcurl list shows
-    assert "recserve.v1.ModelService" not in services
-    (reply,) = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-        file_containing_symbol="recserve.v1.RecommendService.Recommend")]))  # what ghz asks
-    assert any(b"recommend.proto" in f for f in reply.file_descriptor_response.file_descriptor_proto)
-    channel.close()
 
 
 def test_native_calls_are_counted_and_traced_like_the_main_ports(repo):
