@@ -266,8 +266,10 @@ class RecserveServer:
             self.port = self.grpc.add_insecure_port(address)
 
     def _in_flight(self) -> int:
-        """Requests being handled: unary calls (either port), plus the extra queries of BatchRecommends."""
-        return self.interceptor.in_flight + self.servicer.batch_queries
+        """Requests being handled: unary calls (either port), plus the extra queries of BatchRecommends,
+        plus calls waiting in the native front end (the main port's waiting calls are invisible)."""
+        waiting = self.native.waiting if self.native is not None else 0
+        return self.interceptor.in_flight + self.servicer.batch_queries + waiting
 
     def _loop_has_room(self) -> bool:
         """Whether compute may run on the event loop thread: only while that thread has

@@ -11,7 +11,10 @@ compute form the next batch). It is computed by ``run_batch(items) -> results``,
 batch: in the executor, off the event loop, unless batches of its size have so far cost
 at most ``inline_compute_us`` and the loop thread has time to spare (``loop_has_room``) --
 then on the loop thread, because the two thread hand-offs would cost more than the compute
-(costs are kept per power-of-two batch size). At most ``max_queue_size`` requests wait:
+(costs are kept per power-of-two batch size). A request alone in a quiet server (no
+request has had company for ``QUIET_S``) is computed in its caller's coroutine whatever
+it costs, while the loop has room: nothing else is waiting for the loop, and the hand-offs
+are pure latency. At most ``max_queue_size`` requests wait:
 one more is refused at once with ``QueueFull``. A request whose deadline has passed is
 dropped before compute (``DeadlineExpired``); a cancelled caller's request is skipped. If
 a batch raises, its requests are retried one by one, so one bad request fails alone.
@@ -32,6 +35,11 @@ from recserve.server.config import BatchingConfig
 from recserve.server.errors import DeadlineExpired, NotReady, QueueFull, Retired
 
 log = logging.getLogger(__name__)
+
+# A request computed alone may take the loop for as long as it costs only once no request
+# has had company for this long: the first requests of a burst look alone too, and the
+# burst would wait on each of them in turn instead of batching behind the first.
+QUIET_S = 0.05
 
 
 @dataclass
@@ -68,6 +76,7 @@ class DynamicBatcher:
         self.items = 0
         self.inline_batches = 0
         self._computing = False  # the batcher task has a batch in compute
+        self._company_at = float("-inf")  # loop time a request last had company
 
     def start(self) -> None:
         if self._closed:
@@ -116,12 +125,16 @@ class DynamicBatcher:
                             f"(max_queue_size {self._config.max_queue_size}); retry with backoff")
         self.start()
         loop = asyncio.get_running_loop()
-        if (self._in_flight is not None and self._in_flight() <= 1 and not self._queue and not self._computing
-                and not self._config.max_queue_delay_us and self._inline(1)):
-            # The only request in the server, and cheap: compute it in the caller's
-            # coroutine (no hop to the batcher task and back). With company, requests go
-            # through the queue so that they batch.
-            if deadline is not None and deadline <= loop.time():
+        now = loop.time()
+        alone = (self._in_flight is not None and self._in_flight() <= 1 and not self._queue
+                 and not self._computing)
+        if not alone:
+            self._company_at = now
+        if alone and not self._config.max_queue_delay_us and (self._inline(1) or self._quiet(now)):
+            # The only request in the server, and cheap (or the server is quiet): compute
+            # it in the caller's coroutine (no hop to the batcher task and back, nor to a
+            # compute thread). With company, requests go through the queue so that they batch.
+            if deadline is not None and deadline <= now:
                 raise DeadlineExpired(f"{self._name}: the deadline passed before the request was computed")
             self.batches += 1
             self.items += 1
@@ -207,6 +220,11 @@ class DynamicBatcher:
         samples = self._cost.setdefault(len(items).bit_length(), collections.deque(maxlen=16))
         samples.append(time.perf_counter() - started)
         return results
+
+    def _quiet(self, now: float) -> bool:
+        """No request has had company for QUIET_S, inline compute is allowed, the loop has room."""
+        return (now - self._company_at >= QUIET_S and self._config.inline_compute_us > 0
+                and self._loop_has_room())
 
     def _inline(self, n: int) -> bool:
         samples = self._cost.get(n.bit_length())

@@ -103,6 +103,11 @@ class NativeDataPlane:
         log.info("native front end listening on %s:%d", self._server.config.host, self.port)
         return self.port
 
+    @property
+    def waiting(self) -> int:
+        """Calls that arrived in the front end and are not taken yet (not counted in flight)."""
+        return self._frontend.waiting
+
     def set_serving(self, serving: bool) -> None:
         """This port's health, for the server ("") and RecommendService, as on the main port."""
         for service in ("", self._service):
@@ -114,7 +119,11 @@ class NativeDataPlane:
         as grpc.aio does, so the batcher drops it before compute."""
         now = self._loop.time()
         calls, cancelled = self._frontend.take()
+        interceptor = self._server.interceptor
         for call in calls:
+            # Counted in flight from now, not from when its task first runs: the first task
+            # of a burst must see the others, or it computes alone while they wait.
+            interceptor.begin()
             timeout = call.timeout
             task = self._loop.create_task(self._handle(call, None if timeout is None else now + timeout))
             self._tasks[call] = task
@@ -126,14 +135,13 @@ class NativeDataPlane:
 
     def _done(self, call, task: asyncio.Task) -> None:
         del self._tasks[call]
+        self._server.interceptor.end()
         if task.cancelled():  # the call must still be finished; its client no longer listens
             call.fail(grpc.StatusCode.CANCELLED.value[0], "the call was cancelled")
 
     async def _handle(self, call, deadline: float | None) -> None:
-        interceptor = self._server.interceptor
         method = call.method
         context = NativeContext(call, deadline)
-        interceptor.begin()
         try:
             parse, behavior = self._methods[method]
             try:
@@ -144,10 +152,8 @@ class NativeDataPlane:
             response = await behavior(request, context)
             call.finish(response.SerializeToString())
         except Exception as e:
-            code, message, request_id = interceptor.failure(e, method, context.invocation_metadata())
+            code, message, request_id = self._server.interceptor.failure(e, method, context.invocation_metadata())
             call.fail(code.value[0], message, [("x-request-id", request_id)])
-        finally:
-            interceptor.end()
 
     async def stop(self, grace_s: float = 0.5) -> None:
         """Refuse new calls and close the port (calls still unanswered get UNAVAILABLE)."""

@@ -131,6 +131,11 @@ class Frontend {
   int port() const { return port_; }
   // (calls that arrived, calls their clients cancelled), each oldest first.
   std::pair<std::vector<std::shared_ptr<Call>>, std::vector<std::shared_ptr<Call>>> take();
+  // Calls that arrived and are not taken yet.
+  size_t waiting() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return queue_.size();
+  }
   void set_serving(const std::string& service, bool serving) {
     if (server_) server_->GetHealthCheckService()->SetServingStatus(service, serving);
   }
@@ -390,6 +395,7 @@ PYBIND11_MODULE(_frontend, m) {
       .def("start", &Frontend::start, "listen; returns the bound port (health NOT_SERVING until set_serving)")
       .def_property_readonly("fd", &Frontend::fd, "an eventfd, readable when calls wait to be taken")
       .def_property_readonly("port", &Frontend::port)
+      .def_property_readonly("waiting", &Frontend::waiting, "calls that arrived and are not taken yet")
       .def("take", &Frontend::take,
            "(calls waiting, calls their clients cancelled since): each list oldest first")
       .def("set_serving", &Frontend::set_serving, py::arg("service"), py::arg("serving"))

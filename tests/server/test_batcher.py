@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from recserve.server.batcher import DynamicBatcher
+from recserve.server.batcher import QUIET_S, DynamicBatcher
 from recserve.server.config import BatchingConfig
 from recserve.server.errors import DeadlineExpired, InvalidRequest, NotReady, QueueFull
 
@@ -183,10 +183,13 @@ def test_measured_cheap_batches_run_on_the_loop_thread_and_costly_ones_in_the_ex
     async def main():
         loop_thread = threading.get_ident()
         cheap = Costly(cheap_up_to=1)
+        in_flight = {"n": 1}
         b = DynamicBatcher(cheap, BatchingConfig(inline_compute_us=5000), ThreadPoolExecutor(1), name="m/1",
-                           in_flight=lambda: 1)
+                           in_flight=lambda: in_flight["n"])
+        in_flight["n"] = 2  # company: the server is not quiet, so only measured cost decides
         assert await b.submit("a") == "done a"  # nothing measured yet: the executor
         assert cheap.threads[-1][1] != loop_thread and b.inline_batches == 0
+        in_flight["n"] = 1
         assert await b.submit("b") == "done b"  # batches of one are now known to be cheap
         assert cheap.threads[-1][1] == loop_thread and b.inline_batches == 1
         await b.close()
@@ -194,7 +197,7 @@ def test_measured_cheap_batches_run_on_the_loop_thread_and_costly_ones_in_the_ex
         busy_loop = DynamicBatcher(cheap, BatchingConfig(inline_compute_us=5000), ThreadPoolExecutor(1), name="m/3",
                                    in_flight=lambda: 1, loop_has_room=lambda: False)
         busy_loop.warm_up([["w"]])
-        assert await busy_loop.submit("x") == "done x"  # cheap, but the loop has no time to spare
+        assert await busy_loop.submit("x") == "done x"  # cheap and quiet, but the loop has no time to spare
         assert cheap.threads[-1][1] != loop_thread and busy_loop.inline_batches == 0
         await busy_loop.close()
 
@@ -204,6 +207,38 @@ def test_measured_cheap_batches_run_on_the_loop_thread_and_costly_ones_in_the_ex
         assert await b.submit("c") == "done c"
         assert costly.threads[-1][1] != loop_thread and b.inline_batches == 0
         await b.close()
+
+    run(main())
+
+
+def test_a_lone_request_in_a_quiet_server_computes_in_its_coroutine_whatever_it_costs():
+    """Alone and no company for QUIET_S: no thread hand-off even for a 20 ms compute; a
+    request that just had company (the start of a burst) sends the costly one to the
+    executor; inline_compute_us=0 keeps every compute off the loop."""
+    async def main():
+        loop_thread = threading.get_ident()
+        costly = Costly(cheap_up_to=0)
+        in_flight = {"n": 1}
+        b = DynamicBatcher(costly, BatchingConfig(inline_compute_us=500), ThreadPoolExecutor(1), name="m/1",
+                           in_flight=lambda: in_flight["n"])
+        b.warm_up([["w"]])  # 20 ms: 40x the inline budget
+        assert await b.submit("a") == "done a"
+        assert costly.threads[-1][1] == loop_thread and b.inline_batches == 1
+        in_flight["n"] = 2
+        assert await b.submit("b") == "done b"  # with company: queued, computed in the executor
+        in_flight["n"] = 1
+        assert await b.submit("c") == "done c"  # alone, but company was seen just now
+        assert costly.threads[-1][1] != loop_thread and b.inline_batches == 1
+        await asyncio.sleep(QUIET_S)
+        assert await b.submit("d") == "done d"  # quiet again
+        assert costly.threads[-1][1] == loop_thread and b.inline_batches == 2
+        await b.close()
+
+        never = DynamicBatcher(costly, BatchingConfig(inline_compute_us=0), ThreadPoolExecutor(1), name="m/2",
+                               in_flight=lambda: 1)
+        assert await never.submit("e") == "done e"
+        assert costly.threads[-1][1] != loop_thread and never.inline_batches == 0
+        await never.close()
 
     run(main())
 

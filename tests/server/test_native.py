@@ -241,3 +241,25 @@ def test_workers_need_a_fixed_native_port(repo):
                           timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip().endswith("--workers > 1 needs a fixed --native-port (the workers share it)")
+
+
+def test_calls_handed_over_together_batch_even_on_a_quiet_server(repo):
+    """A quiet server computes a lone request in its handler, whatever it costs. Calls that
+    wait in the front end count in flight, and those taken together count from then on: the
+    first of them must not compute alone while the others wait (each would look alone in
+    turn). Here the loop thread is held while 8 calls arrive, then they form one batch."""
+    with ServerThread(native_config(repo)) as s:  # default batching: no queue delay
+        batcher = s.server.registry.get("tiny").batcher
+        hold = threading.Event()
+        s.loop.call_soon_threadsafe(hold.wait, 10)  # the event loop thread blocks; calls queue in C++
+        with RecommendClient(native_target(s)) as client, ThreadPoolExecutor(8) as pool:
+            batches, items = batcher.batches, batcher.items
+            futures = [pool.submit(client.recommend, "tiny", str(u), 3) for u in range(8)]
+            deadline = time.monotonic() + 10
+            while s.server.native.waiting < 8:
+                assert time.monotonic() < deadline, f"only {s.server.native.waiting} calls arrived"
+                time.sleep(0.01)
+            assert s.server._in_flight() == 8  # waiting calls are company
+            hold.set()
+            assert all(len(f.result(10).item_ids) == 3 for f in futures)
+        assert (batcher.batches - batches, batcher.items - items) == (1, 8)
