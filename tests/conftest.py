@@ -89,7 +89,7 @@ def cuda_device(request) -> Device:
     return Device(request.param)
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx512", "avx512bf16"])
+@pytest.fixture(params=["scalar", "avx2", "avx512", "avx512bf16", "amx"])
 def cpu_isa(request):
     """Runs a CPU test once per SIMD path this CPU supports, then restores the best."""
     from recserve import _C

@@ -34,6 +34,7 @@ bool cpu_has_avx512bf16() {
 }
 
 const SimdKernels* best() {
+  if (amx_usable()) return &simd_amx();
   if (cpu_has_avx512bf16()) return &simd_avx512bf16();
   if (cpu_has_avx512()) return &simd_avx512();
   if (cpu_has_avx2()) return &simd_avx2();
@@ -58,6 +59,7 @@ std::vector<std::string> supported_isas() {
   if (cpu_has_avx2()) out.push_back("avx2");
   if (cpu_has_avx512()) out.push_back("avx512");
   if (cpu_has_avx512bf16()) out.push_back("avx512bf16");
+  if (amx_usable()) out.push_back("amx");
   return out;
 }
 
@@ -67,6 +69,7 @@ void set_isa(const std::string& name) {
   else if (name == "avx2" && cpu_has_avx2()) k = &simd_avx2();
   else if (name == "avx512" && cpu_has_avx512()) k = &simd_avx512();
   else if (name == "avx512bf16" && cpu_has_avx512bf16()) k = &simd_avx512bf16();
+  else if (name == "amx" && amx_usable()) k = &simd_amx();
   else if (name == "best") k = best();
   if (k == nullptr)
     throw std::invalid_argument("set_isa: '" + name + "' is not supported on this CPU (supported: " +

@@ -1,6 +1,6 @@
 // Run-time ISA dispatch for the CPU kernels' inner loops.
 //
-// Each ISA (scalar, AVX2, AVX-512, AVX-512 + BF16) fills one SimdKernels table in its own
+// Each ISA (scalar, AVX2, AVX-512, AVX-512 + BF16, AMX) fills one SimdKernels table in its own
 // translation unit (simd_<isa>.cpp) using function-level target attributes, so
 // the rest of the library is compiled for the baseline ISA and never executes an
 // instruction the CPU lacks. The table is chosen once from CPUID; tests and
@@ -69,10 +69,14 @@ const SimdKernels& simd_scalar();
 const SimdKernels& simd_avx2();
 const SimdKernels& simd_avx512();
 const SimdKernels& simd_avx512bf16();
+// AVX-512 + BF16 with the lanes pre-filter on the AMX tile unit (simd_amx.cpp), where the
+// CPU has AMX-BF16 and the kernel grants this process the tile state.
+const SimdKernels& simd_amx();
+bool amx_usable();
 
 // The table in use (the best the CPU supports unless set_isa() lowered it).
 const SimdKernels& simd();
-// ISAs this CPU can run, best last: e.g. {"scalar", "avx2", "avx512", "avx512bf16"}.
+// ISAs this CPU can run, best last: e.g. {"scalar", "avx2", "avx512", "avx512bf16", "amx"}.
 std::vector<std::string> supported_isas();
 // Force an ISA; throws std::invalid_argument if unknown or unsupported here.
 void set_isa(const std::string& name);

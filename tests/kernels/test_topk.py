@@ -225,19 +225,27 @@ def _bf16_problems():
     near = (base + rng.standard_normal((25_000, 48)).astype(np.float32) * 1e-3).astype(np.float32)
     yield "near-duplicates", near, (base + rng.standard_normal((64, 48)) * 0.1).astype(np.float32)
     yield "d=7", rng.standard_normal((30_000, 7)).astype(np.float32), rng.standard_normal((24, 7)).astype(np.float32)
+    # AMX tiles: 32 dimensions per step, a row count off the 32-row blocks, three lane groups
+    wide = (rng.standard_normal((20_003, 128)) * np.exp(rng.standard_normal((20_003, 1)))).astype(np.float32)
+    yield "heavy-tailed, d=128", wide, rng.standard_normal((45, 128)).astype(np.float32)
 
 
-def _skip_without_bf16():
+@pytest.fixture(params=["avx512bf16", "amx"])
+def bf16_isa(request):
+    """Each ISA with the bfloat16 pre-filter: AVX512_BF16, and the AMX tile unit's form of
+    its lanes kernel (the one-query kernel is the same in both)."""
     from recserve import _C
 
     supported = _C.build_info()["cpu_isas_supported"]
-    if "avx512bf16" not in supported:
-        pytest.skip(f"this CPU has no AVX512_BF16, so the bfloat16 pre-filter never runs (supports {supported})")
+    if request.param not in supported:
+        pytest.skip(f"this CPU (or kernel) has no {request.param}, so that pre-filter never runs here "
+                    f"(supports {supported})")
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("one_query", [False, True])
-def test_bf16_prefilter_never_drops_a_row_that_beats_the_threshold(dtype, one_query):
+def test_bf16_prefilter_never_drops_a_row_that_beats_the_threshold(dtype, one_query, bf16_isa):
     """Soundness of the error bound, tested on the filter itself: thresholds sit at each
     query's 99.5th percentile score, so thousands of rows lie within the bfloat16 error
     of them; every row scoring above (by more than float32 rounding) must pass. Both
@@ -245,7 +253,6 @@ def test_bf16_prefilter_never_drops_a_row_that_beats_the_threshold(dtype, one_qu
     prepared rows (one to three; it sums in another order)."""
     from recserve import _C
 
-    _skip_without_bf16()
     for name, items, queries in _bf16_problems():
         items = items.astype(dtype)
         if one_query:
@@ -257,7 +264,7 @@ def test_bf16_prefilter_never_drops_a_row_that_beats_the_threshold(dtype, one_qu
         rounding = queries.shape[1] * 2.0**-23 * np.outer(np.linalg.norm(queries, axis=1), np.linalg.norm(x, axis=1))
         must_pass = np.flatnonzero(np.any(exact > thr[:, None] + rounding, axis=0))
         try:
-            _C._set_isa("avx512bf16")
+            _C._set_isa(bf16_isa)
             source = kernels.prepare_items(items) if one_query else items
             passed = _C._topk_bf16_filter(queries, source, thr, one_query=one_query)
         finally:
@@ -271,14 +278,13 @@ def test_bf16_prefilter_never_drops_a_row_that_beats_the_threshold(dtype, one_qu
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("k", [1, 20, 300])
 @pytest.mark.parametrize("num_queries, prepared", [(None, False), (None, True), (1, True), (3, True)])
-def test_bf16_prefilter_gives_the_float32_results_bit_for_bit(dtype, k, num_queries, prepared):
+def test_bf16_prefilter_gives_the_float32_results_bit_for_bit(dtype, k, num_queries, prepared, bf16_isa):
     """The filter only decides which rows the float32 kernel scores: ids and scores must
     be the same bits as with plain AVX-512, and the filter must actually have run. With
     prepared items (kernels.prepare_items) the bfloat16 rows are made once, and one to
     three queries (the row kernel) are filtered too."""
     from recserve import _C
 
-    _skip_without_bf16()
     for name, items, queries in _bf16_problems():
         items, queries = items.astype(dtype), queries[:num_queries]
         rng = np.random.default_rng(len(queries))
@@ -288,7 +294,7 @@ def test_bf16_prefilter_gives_the_float32_results_bit_for_bit(dtype, k, num_quer
         try:
             _C._set_isa("avx512")
             expected = kernels.topk_inner_product(queries, items, k, exclude_indptr=indptr, exclude_ids=ids)
-            _C._set_isa("avx512bf16")
+            _C._set_isa(bf16_isa)
             searched = kernels.prepare_items(items) if prepared else items
             before = _C._topk_bf16_filtered_tiles()
             got = kernels.topk_inner_product(queries, searched, k, exclude_indptr=indptr, exclude_ids=ids)
@@ -299,14 +305,13 @@ def test_bf16_prefilter_gives_the_float32_results_bit_for_bit(dtype, k, num_quer
             assert searched.bfloat16 and searched.nbytes >= items.shape[0] * ((items.shape[1] + 1) // 2) * 4
         np.testing.assert_array_equal(got[1], expected[1], err_msg=name)
         np.testing.assert_array_equal(got[0], expected[0], err_msg=name)
-        if name in ("unit", "heavy-tailed, d=33", "d=7") and k <= 20:
+        if name in ("unit", "heavy-tailed, d=33", "d=7", "heavy-tailed, d=128") and k <= 20:
             assert filtered > 0, f"{name}: the bfloat16 filter never decided a tile"
 
 
-def test_bf16_prefilter_falls_back_on_non_finite_rows_and_queries():
+def test_bf16_prefilter_falls_back_on_non_finite_rows_and_queries(bf16_isa):
     from recserve import _C
 
-    _skip_without_bf16()
     rng = np.random.default_rng(22)
     items = rng.standard_normal((20_000, 32)).astype(np.float32)
     items[[5, 7_000, 19_999]] = np.array([np.nan, np.inf, -np.inf], np.float32)[:, None]
@@ -317,7 +322,7 @@ def test_bf16_prefilter_falls_back_on_non_finite_rows_and_queries():
         try:
             _C._set_isa("avx512")
             expected = kernels.topk_inner_product(queries, items, 10)
-            _C._set_isa("avx512bf16")
+            _C._set_isa(bf16_isa)
             got = kernels.topk_inner_product(queries, items, 10)
         finally:
             _C._set_isa("best")
@@ -331,20 +336,19 @@ def test_bf16_prefilter_falls_back_on_non_finite_rows_and_queries():
 def test_prepared_items_match_reference_exactly(problem, cpu_isa):
     queries, items, k, indptr, ids = problem
     prepared = kernels.prepare_items(items)
-    assert prepared.bfloat16 == (cpu_isa == "avx512bf16")
+    assert prepared.bfloat16 == (cpu_isa in ("avx512bf16", "amx"))
     got = kernels.topk_inner_product(queries, prepared, k, exclude_indptr=indptr, exclude_ids=ids)
     _check_exact(got, ref.topk_inner_product(queries, items, k, exclude_indptr=indptr, exclude_ids=ids))
 
 
-def test_prepared_filter_passes_the_same_rows_as_the_per_call_filter():
+def test_prepared_filter_passes_the_same_rows_as_the_per_call_filter(bf16_isa):
     from recserve import _C
 
-    _skip_without_bf16()
     for name, items, queries in _bf16_problems():
         exact = queries.astype(np.float64) @ items.astype(np.float64).T
         thr = np.percentile(exact, 99.5, axis=1).astype(np.float32)
         try:
-            _C._set_isa("avx512bf16")
+            _C._set_isa(bf16_isa)
             plain = _C._topk_bf16_filter(queries, items, thr)
             prepared = _C._topk_bf16_filter(queries, kernels.prepare_items(items), thr)
         finally:
@@ -387,7 +391,7 @@ def test_prepared_items_with_non_finite_rows_and_strided_input():
     got = kernels.topk_inner_product(queries, prepared, 10)
     np.testing.assert_array_equal(got[1], expected[1])
     np.testing.assert_array_equal(got[0], expected[0])
-    assert _C.build_info()["cpu_isa"] != "avx512bf16" or prepared.bfloat16
+    assert _C.build_info()["cpu_isa"] not in ("avx512bf16", "amx") or prepared.bfloat16
 
 
 @pytest.mark.parametrize("items, message", [
