@@ -128,6 +128,9 @@ def bench_topk(report: Report, quick: bool) -> None:
             "faiss IndexFlatIP": lambda: index.search(q, k),
             "numpy matmul+argpartition": lambda: _numpy_topk(q, items, k),
         }
+        if kernels.build_info()["cpu_isa"] == "amx":  # the same search without the tile unit
+            contenders["recserve f32, prepare_items, avx512bf16"] = lambda: _with_isa(
+                "avx512bf16", kernels.topk_inner_product, q, served, k)
         ms = median_ms(contenders, max(3, rounds // (4 if batch > 1 else 1)))
         ours = ms["recserve f32"]
         for name, t in ms.items():
@@ -142,8 +145,10 @@ def bench_topk(report: Report, quick: bool) -> None:
     report.add(f"- B=1 float16 vs its own floor: {b1['recserve f16'] / floor16:.2f}x")
     for batch, ms in by_batch.items():
         report.add(f"- B={batch}: recserve f32 / with prepare_items = "
-                   f"{ms['recserve f32'] / ms['recserve f32, prepare_items']:.2f}x"
-)
+                   f"{ms['recserve f32'] / ms['recserve f32, prepare_items']:.2f}x")
+        if "recserve f32, prepare_items, avx512bf16" in ms:
+            report.add(f"- B={batch}: prepare_items, avx512bf16 / amx = "
+                       f"{ms['recserve f32, prepare_items, avx512bf16'] / ms['recserve f32, prepare_items']:.2f}x")
     report.add()
 
 
@@ -212,6 +217,17 @@ def bench_topk_serving(report: Report, quick: bool) -> None:
     report.table(["B", "recserve f32 ms", "with prepare_items ms", "torch mm+topk ms", "faiss ms",
                   "torch / recserve (prepared)"], rows)
     report.add()
+
+
+def _with_isa(isa: str, fn, *args):
+    """fn(*args) with the kernels' SIMD level forced to ``isa``, then back to the best."""
+    from recserve import _C
+
+    _C._set_isa(isa)
+    try:
+        return fn(*args)
+    finally:
+        _C._set_isa("best")
 
 
 def _numpy_topk(q: np.ndarray, items: np.ndarray, k: int):

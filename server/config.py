@@ -31,7 +31,8 @@ class BatchingConfig:
     # A batch whose measured cost (median of recent batches of its size, warm-up runs at
     # load included) is at most this many µs is computed on the event loop thread: handing
     # it to the compute thread and back costs ~0.3 ms of latency at low load on the 2-core
-    # dev VM (bench/serve.py). 0: always hand batches to the compute thread.
+    # dev VM (bench/serve.py). A lone request in a quiet server is computed there at any
+    # cost (server/batcher.py). 0: always hand batches to the compute thread.
     inline_compute_us: int = 500
 
     def __post_init__(self):
