@@ -51,49 +51,33 @@ RS_AMX void load_tile_config() {
   _tile_loadconfig(&config);
 }
 
-// Flags rows i0..i0+31 where some lane of groups l0.. (16 lanes each; `groups` is 1 or 2)
-// beats thr_lo. `scores` is scratch for the 32 x 32 block.
-RS_AMX inline void flag_block(const float* scores, const float* thr_lo, int64_t l0, int groups, int64_t i0,
-                              int32_t* flags) {
+// Flags rows i0..i0+31 where some lane of the Groups lane groups from l0 (16 lanes each)
+// beats thr_lo. `scores` holds the 32 x 32 block.
+template <int Groups>
+RS_AMX inline void flag_block(const float* scores, const float* thr_lo, int64_t l0, int64_t i0, int32_t* flags) {
   const __m512 t0 = _mm512_loadu_ps(thr_lo + l0);
-  const __m512 t1 = groups == 2 ? _mm512_loadu_ps(thr_lo + l0 + 16) : t0;
+  const __m512 t1 = Groups == 2 ? _mm512_loadu_ps(thr_lo + l0 + 16) : t0;
   for (int64_t r = 0; r < kBlockRows; ++r) {
     const float* row = scores + r * 32;
     __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(row), t0, _CMP_GT_OQ);
-    if (groups == 2) m |= _mm512_cmp_ps_mask(_mm512_loadu_ps(row + 16), t1, _CMP_GT_OQ);
+    if constexpr (Groups == 2) m |= _mm512_cmp_ps_mask(_mm512_loadu_ps(row + 16), t1, _CMP_GT_OQ);
     if (m) flags[i0 + r] = 1;
   }
 }
 
-// 32 items x 32 queries (two lane groups): four C tiles, summed over dp in 16-pair chunks.
-RS_AMX inline void block_two_groups(const uint32_t* qt2, int64_t w, int64_t l0, const uint32_t* xb, int64_t dp,
-                                    int64_t i0, float* scores) {
+// 32 items x 16 * Groups queries (Groups: 2, or 1 for the last of an odd number of lane
+// groups) into `scores` (row stride 32 floats): C tiles 0 and 2 hold the first group's
+// scores of the two A tiles, 1 and 3 the second's; summed over dp in 16-pair chunks.
+template <int Groups>
+RS_AMX inline void score_block(const uint32_t* qt2, int64_t w, int64_t l0, const uint32_t* xb, int64_t dp,
+                               int64_t i0, float* scores) {
+  static_assert(Groups == 1 || Groups == 2);
   _tile_zero(0);
-  _tile_zero(1);
   _tile_zero(2);
-  _tile_zero(3);
-  const uint32_t* a = xb + i0 * dp;
-  for (int64_t c = 0; c < dp; c += kTilePairs) {
-    _tile_loadd(4, a + c, dp * 4);
-    _tile_loadd(5, a + kTileRows * dp + c, dp * 4);
-    _tile_loadd(6, qt2 + c * w + l0, w * 4);
-    _tile_loadd(7, qt2 + c * w + l0 + 16, w * 4);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+  if constexpr (Groups == 2) {
+    _tile_zero(1);
+    _tile_zero(3);
   }
-  _tile_stored(0, scores, 128);
-  _tile_stored(1, scores + 16, 128);
-  _tile_stored(2, scores + 16 * 32, 128);
-  _tile_stored(3, scores + 16 * 32 + 16, 128);
-}
-
-// The same for one lane group (the last of an odd count): two C tiles.
-RS_AMX inline void block_one_group(const uint32_t* qt2, int64_t w, int64_t l0, const uint32_t* xb, int64_t dp,
-                                   int64_t i0, float* scores) {
-  _tile_zero(0);
-  _tile_zero(2);
   const uint32_t* a = xb + i0 * dp;
   for (int64_t c = 0; c < dp; c += kTilePairs) {
     _tile_loadd(4, a + c, dp * 4);
@@ -101,9 +85,18 @@ RS_AMX inline void block_one_group(const uint32_t* qt2, int64_t w, int64_t l0, c
     _tile_loadd(6, qt2 + c * w + l0, w * 4);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(2, 5, 6);
+    if constexpr (Groups == 2) {
+      _tile_loadd(7, qt2 + c * w + l0 + 16, w * 4);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
   }
   _tile_stored(0, scores, 128);
   _tile_stored(2, scores + 16 * 32, 128);
+  if constexpr (Groups == 2) {
+    _tile_stored(1, scores + 16, 128);
+    _tile_stored(3, scores + 16 * 32 + 16, 128);
+  }
 }
 
 RS_AMX int64_t prefilter_lanes_amx(const uint32_t* qt2, int64_t w, const float* thr_lo, const uint32_t* xb,
@@ -118,12 +111,12 @@ RS_AMX int64_t prefilter_lanes_amx(const uint32_t* qt2, int64_t w, const float* 
     for (int64_t i0 = 0; i0 < blocked; i0 += kBlockRows) {
       int64_t l0 = 0;
       for (; l0 + 32 <= w; l0 += 32) {
-        block_two_groups(qt2, w, l0, xb, dp, i0, scores);
-        flag_block(scores, thr_lo, l0, 2, i0, hits);
+        score_block<2>(qt2, w, l0, xb, dp, i0, scores);
+        flag_block<2>(scores, thr_lo, l0, i0, hits);
       }
       if (l0 < w) {
-        block_one_group(qt2, w, l0, xb, dp, i0, scores);
-        flag_block(scores, thr_lo, l0, 1, i0, hits);
+        score_block<1>(qt2, w, l0, xb, dp, i0, scores);
+        flag_block<1>(scores, thr_lo, l0, i0, hits);
       }
     }
     _tile_release();

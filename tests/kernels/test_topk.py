@@ -225,6 +225,9 @@ def _bf16_problems():
     near = (base + rng.standard_normal((25_000, 48)).astype(np.float32) * 1e-3).astype(np.float32)
     yield "near-duplicates", near, (base + rng.standard_normal((64, 48)) * 0.1).astype(np.float32)
     yield "d=7", rng.standard_normal((30_000, 7)).astype(np.float32), rng.standard_normal((24, 7)).astype(np.float32)
+    # 16 pairs per row (the one-query kernel's dp=16 form; an odd d pads the last pair), a
+    # ragged last block of rows
+    yield "d=31", rng.standard_normal((10_007, 31)).astype(np.float32), rng.standard_normal((20, 31)).astype(np.float32)
     # AMX tiles: 32 dimensions per step, a row count off the 32-row blocks, three lane groups
     wide = (rng.standard_normal((20_003, 128)) * np.exp(rng.standard_normal((20_003, 1)))).astype(np.float32)
     yield "heavy-tailed, d=128", wide, rng.standard_normal((45, 128)).astype(np.float32)
@@ -305,7 +308,7 @@ def test_bf16_prefilter_gives_the_float32_results_bit_for_bit(dtype, k, num_quer
             assert searched.bfloat16 and searched.nbytes >= items.shape[0] * ((items.shape[1] + 1) // 2) * 4
         np.testing.assert_array_equal(got[1], expected[1], err_msg=name)
         np.testing.assert_array_equal(got[0], expected[0], err_msg=name)
-        if name in ("unit", "heavy-tailed, d=33", "d=7", "heavy-tailed, d=128") and k <= 20:
+        if name in ("unit", "heavy-tailed, d=33", "d=7", "d=31", "heavy-tailed, d=128") and k <= 20:
             assert filtered > 0, f"{name}: the bfloat16 filter never decided a tile"
 
 
