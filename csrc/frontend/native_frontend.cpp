@@ -248,12 +248,17 @@ bool Call::finish(const py::bytes& reply) {
   Py_ssize_t size = 0;
   if (PyBytes_AsStringAndSize(reply.ptr(), &data, &size) != 0) throw py::error_already_set();
   grpc::Slice bytes(data, static_cast<size_t>(size));  // the one copy of the reply
+  // Finish writes the reply on this thread when the transport is idle (HTTP/2 framing,
+  // sendmsg, on loopback even the receiver's TCP processing): 150-300 us here, which must
+  // not hold the GIL the event loop and the batch workers need.
+  py::gil_scoped_release nogil;
   return pending_->answer(grpc::Status::OK, &bytes, {});
 }
 
 bool Call::fail(int code, const std::string& message,
                 const std::vector<std::pair<std::string, std::string>>& trailing) {
   if (code <= 0 || code > 16) throw std::invalid_argument("fail: code must be a non-OK gRPC status code (1..16)");
+  py::gil_scoped_release nogil;  // as in finish
   return pending_->answer(grpc::Status(static_cast<grpc::StatusCode>(code), message), nullptr, trailing);
 }
 
