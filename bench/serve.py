@@ -21,7 +21,10 @@ Contenders, same run, same requests (users with their recent items):
             end, server/native.py) when this build has it
   triton    (with --triton-python) the same pipeline in NVIDIA Triton via pytriton
 Targets (server issue): p50 at c=1 within 1.3x of the floor; c=64 throughput >= 2x
-Triton's; 1M items at c=64 >= 400 req/s with p95 < 100 ms. Writes bench/results/serve.md.
+Triton's; 1M items at c=64 >= 400 req/s with p95 < 100 ms. Each point also reports the
+server's CPU time per call (all its threads and child processes) and the hypervisor's steal
+during the point: on a shared VM latency swings with the neighbours, CPU per call much less.
+Writes bench/results/serve.md.
 
 With ``--device cuda`` (GPU serving, issue 8) the same run also serves both models with
 ``recserve serve --device cuda`` (tables, items and every stage on the GPU) and reports GPU vs
@@ -39,6 +42,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -98,6 +102,45 @@ def load(python: str, target: str, model: str, requests: Path, concurrency: int,
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its descendants (Triton's launcher starts
+    tritonserver and its Python-backend stubs as children), from /proc."""
+    parents, cpu = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        cpu[int(entry.name)] = int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier and p not in tree]
+        tree.update(children)
+        frontier = children
+    return sum(cpu.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def _steal_seconds() -> float:
+    """CPU time the hypervisor gave to others while this VM's vCPUs wanted to run (all CPUs)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+
+
+def measured_load(proc: subprocess.Popen, *load_args) -> dict:
+    """One load point, with what the server spent on it: its CPU time per call answered
+    (all threads and child processes; a latency-independent cost, steadier than latency on
+    a shared VM) and the share of the machine's CPU time stolen by the hypervisor meanwhile."""
+    cpu, steal, started = _cpu_seconds(proc.pid), _steal_seconds(), time.perf_counter()
+    r = load(*load_args)
+    elapsed = time.perf_counter() - started
+    r["server_cpu_us_per_call"] = (_cpu_seconds(proc.pid) - cpu) / max(r["calls"], 1) * 1e6
+    r["steal_pct"] = 100 * (_steal_seconds() - steal) / (elapsed * (os.cpu_count() or 1))
+    return r
+
+
 def run(args) -> dict:
     work = Path(args.work)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -146,7 +189,7 @@ def run(args) -> dict:
             port = native_port or port
             try:
                 for c in points:
-                    r = load(client_py, f"localhost:{port}", model, requests, c, args.seconds, client)
+                    r = measured_load(proc, client_py, f"localhost:{port}", model, requests, c, args.seconds, client)
                     rounds[name].setdefault(c, []).append(r)
                     print(name, json.dumps(r), file=sys.stderr, flush=True)
             finally:
@@ -162,7 +205,8 @@ def _native(contender: tuple) -> tuple:
 
 def _median(runs: list[dict]) -> dict:
     """Per-metric median over rounds; errors summed."""
-    out = {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_ms", "p95_ms", "p99_ms")}
+    out = {key: statistics.median(r[key] for r in runs)
+           for key in ("rps", "p50_ms", "p95_ms", "p99_ms", "server_cpu_us_per_call", "steal_pct")}
     out["errors"] = {}
     for r in runs:
         for code, n in r["errors"].items():
@@ -178,11 +222,15 @@ def report(results: dict, args) -> str:
              f"Machine: {cpu}, {os.cpu_count()} cores; grpcio {grpc.__version__}; k = {K}; "
              f"{args.seconds:.0f} s per point after 1 s warm-up, median of {args.rounds} alternating rounds; "
              "closed-loop load generator in its own process.",
-             "", "| server | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|---:|---|"]
+             "Server CPU: the server's processes' user + system time per call answered; steal: the "
+             "share of the machine's CPU time the hypervisor gave elsewhere during the point.",
+             "", "| server | concurrency | req/s | p50 ms | p95 ms | p99 ms | server CPU us/call | steal % | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, points in results.items():
         for c, r in points.items():
             lines.append(f"| {name} | {c} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
-                         f"{r['p99_ms']:.2f} | {sum(r['errors'].values()) or 0} |")
+                         f"{r['p99_ms']:.2f} | {r['server_cpu_us_per_call']:,.0f} | {r['steal_pct']:.0f} | "
+                         f"{sum(r['errors'].values()) or 0} |")
     floor, triton = results["floor"], results.get("triton 10k items")
     lines.append("")
     for port in ("", "native "):  # the main (grpc.aio) port, then the gRPC C++ front end
@@ -201,6 +249,10 @@ def report(results: dict, args) -> str:
         if port and native_floor and 1 in ours:
             lines.append(f"- p50 at c=1: recserve native / floor (native front end) = "
                          f"{ours[1]['p50_ms'] / native_floor[1]['p50_ms']:.2f}x (the pipeline's share)")
+        its_floor = native_floor if port else floor
+        if its_floor and 1 in ours:
+            lines.append(f"- server CPU per call at c=1: recserve {port}{ours[1]['server_cpu_us_per_call']:,.0f} us, "
+                         f"its front end's floor {its_floor[1]['server_cpu_us_per_call']:,.0f} us")
         big = results[f"recserve {port}1M items"][64]
         met = big["rps"] >= 400 and big["p95_ms"] < 100
         lines.append(f"- 1M items{port and ' native'}, c=64: {big['rps']:,.0f} req/s, p95 {big['p95_ms']:.1f} ms "
