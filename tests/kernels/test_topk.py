@@ -225,8 +225,8 @@ def _bf16_problems():
     near = (base + rng.standard_normal((25_000, 48)).astype(np.float32) * 1e-3).astype(np.float32)
     yield "near-duplicates", near, (base + rng.standard_normal((64, 48)) * 0.1).astype(np.float32)
     yield "d=7", rng.standard_normal((30_000, 7)).astype(np.float32), rng.standard_normal((24, 7)).astype(np.float32)
-    # 16 pairs per row (the one-query kernel's dp=16 form; an odd d pads the last pair), a
-    # ragged last block of rows
+    # 16 bfloat16 pairs per row, the last one half padding (odd d), and a ragged last block
+    # of rows
     yield "d=31", rng.standard_normal((10_007, 31)).astype(np.float32), rng.standard_normal((20, 31)).astype(np.float32)
     # AMX tiles: 32 dimensions per step, a row count off the 32-row blocks, three lane groups
     wide = (rng.standard_normal((20_003, 128)) * np.exp(rng.standard_normal((20_003, 1)))).astype(np.float32)
