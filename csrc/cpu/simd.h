@@ -61,8 +61,9 @@ struct SimdKernels {
   // The same filter for one query (q2: its dp pairs) over n rows of such pairs: the rows
   // whose approximate score exceeds thr_lo. The top-k uses it for one to three queries
   // when the rows were prepared once (a per-call conversion would cost what it saves).
-  int64_t (*prefilter_row_bf16)(const uint32_t* q2, float thr_lo, const uint32_t* xb, int64_t n, int64_t dp,
-                                int32_t* hits);
+  // `readable` >= n rows exist from xb on (the kernel may prefetch past the n it scores).
+  int64_t (*prefilter_row_bf16)(const uint32_t* q2, float thr_lo, const uint32_t* xb, int64_t n, int64_t readable,
+                                int64_t dp, int32_t* hits);
 };
 
 const SimdKernels& simd_scalar();

@@ -327,13 +327,22 @@ RS_AVX512BF16 int64_t prefilter_lanes_bf16(const uint32_t* qt2, int64_t w, const
 
 // One query against rows of bfloat16 pairs (row-major, as to_bf16_rows writes them):
 // 16 rows at a time, each row's pairs in chunks of 16 (masked at the end), the 16 row
-// sums reduced four at a time. A short last block repeats the final row.
+// sums reduced four at a time. A short last block repeats the final row. The rows
+// kRowFilterPrefetch ahead (past this tile while `readable` allows) are prefetched: the
+// rows stream from L3 or memory with little compute each, and without it the pass ran at
+// under half the float32 row kernel's bandwidth on Zen 4 (10k x 64 items, one query:
+// 1.3-1.75x slower than the float32 rows it reads half of; 1M items 1.2x).
+constexpr int64_t kRowFilterPrefetch = 32;
 RS_AVX512BF16 int64_t prefilter_row_bf16(const uint32_t* q2, float thr_lo, const uint32_t* xb, int64_t n,
-                                         int64_t dp, int32_t* hits) {
+                                         int64_t readable, int64_t dp, int32_t* hits) {
   const __m128 t = _mm_set1_ps(thr_lo);
   int64_t nh = 0;
   for (int64_t i = 0; i < n; i += 16) {
     const int64_t rows = std::min<int64_t>(16, n - i);
+    if (i + kRowFilterPrefetch + 16 <= readable) {
+      const char* ahead = reinterpret_cast<const char*>(xb + (i + kRowFilterPrefetch) * dp);
+      for (int64_t b = 0; b < 16 * dp * int64_t(sizeof(uint32_t)); b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+    }
     __m512 acc[16];
     for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t p = 0; p < dp; p += kLanes) {

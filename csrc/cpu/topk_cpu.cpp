@@ -330,7 +330,7 @@ int64_t one_query_rows(const SimdKernels& sk, const QueryBlock& qb, int64_t l, c
   if (thr == kNegInf || !qb.bf16 || !std::isfinite(max_norm)) return -1;
   const int64_t dp = (pre.d + 1) / 2;
   return sk.prefilter_row_bf16(qb.q2.data() + l * dp, lowered_threshold(bound, thr, qb.qnorm[size_t(l)], max_norm),
-                               pre.rows.data() + start * dp, n, dp, passed);
+                               pre.rows.data() + start * dp, n, pre.num_items - start, dp, passed);
 }
 
 // One query's candidate rows per tile (one to three queries; one per thread and query).
