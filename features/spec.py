@@ -26,6 +26,7 @@ An empty bag pools to zeros.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -85,8 +86,10 @@ class Field:
         if self.kind == "sequence":
             if isinstance(value, (str, bytes)):
                 raise FeatureValueError(f"feature {self.name!r}: expected a list of values, got a string")
-            distinct = list(dict.fromkeys(str(v) for v in value if str(v)))
-            return [self.token(v) for v in (distinct[: self.max_len] if self.max_len else distinct)]
+            distinct = dict.fromkeys(map(str, value))  # first occurrences, in order
+            distinct.pop("", None)
+            prefix = f"{self.table}="
+            return [prefix + v for v in itertools.islice(distinct, self.max_len or None)]
         if self.kind == "text":
             words = _WORD_RE.findall(str(value).lower())
             if self.max_len:
@@ -116,11 +119,18 @@ class FeatureSpec:
     fields: tuple[Field, ...]
     version: int = SPEC_VERSION
     _table_index: dict = field(default=None, init=False, repr=False, compare=False)
+    _by_side: dict = field(default=None, init=False, repr=False, compare=False)
+    _by_name: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "tables", tuple(self.tables))
         object.__setattr__(self, "fields", tuple(self.fields))
         object.__setattr__(self, "_table_index", {t.name: t for t in self.tables})
+        # Looked up on every request: made once (the spec is frozen).
+        object.__setattr__(self, "_by_side", {s: tuple(f for f in self.fields if f.side == s) for s in SIDES})
+        object.__setattr__(self, "_by_name", {})
+        for f in self.fields:
+            self._by_name.setdefault(f.name, f)
         self._validate()
 
     # -- structure ----------------------------------------------------------------------
@@ -166,13 +176,13 @@ class FeatureSpec:
         return self._table_index[name]
 
     def side_fields(self, side: str) -> tuple[Field, ...]:
-        return tuple(f for f in self.fields if f.side == side)
+        return self._by_side.get(side, ())
 
     def field(self, name: str) -> Field:
-        for f in self.fields:
-            if f.name == name:
-                return f
-        raise KeyError(f"feature spec has no field {name!r}")
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"feature spec has no field {name!r}") from None
 
     def input_dim(self, side: str) -> int:
         """Width of the concatenated pooled inputs of one tower."""
@@ -207,8 +217,8 @@ class FeatureSpec:
     # -- encoding ------------------------------------------------------------------------
     def hash_tokens(self, f: Field, tokens: Sequence[str]) -> np.ndarray:
         return kernels.hash_features(
-            list(tokens), seed=self.seed, num_buckets=self.table(f.table).num_buckets
-        )
+            tokens if isinstance(tokens, list) else list(tokens), seed=self.seed,
+            num_buckets=self._table_index[f.table].num_buckets)
 
     def hash_values(self, name: str, values: Iterable) -> np.ndarray:
         """One bucket id per value of a categorical or sequence field (vectorised callers
@@ -224,9 +234,9 @@ class FeatureSpec:
         if f.kind == "bucketized":
             return f.bins(values)
         per_entity = [f.tokens(v) for v in values]
-        offsets = np.zeros(len(per_entity) + 1, dtype=np.int64)
-        np.cumsum([len(t) for t in per_entity], out=offsets[1:])
-        flat = [t for tokens in per_entity for t in tokens]
+        # fromiter, not zeros + cumsum: a third of a one-entity encode was those two calls.
+        offsets = np.fromiter(itertools.accumulate(map(len, per_entity), initial=0), np.int64, len(per_entity) + 1)
+        flat = per_entity[0] if len(per_entity) == 1 else [t for tokens in per_entity for t in tokens]
         return self.hash_tokens(f, flat), offsets
 
     def encode(self, side: str, records: Sequence[Mapping],

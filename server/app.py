@@ -165,13 +165,15 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
     async def _answer(self, name, version, variant, query, deadline, metadata=None):
         started = time.perf_counter()
         span = self.tracing.start("recserve.Recommend", metadata, {"recserve.model": name, "recserve.k": query.k})
+        # Recorded by the loop once this reply is out (call_soon), not before it.
+        record = asyncio.get_running_loop().call_soon
         try:
             result, served, variant_name = await self.registry.recommend(name, query, deadline, version, variant)
         except ServingError as e:
-            self.metrics.request(name, version or 0, variant or "", e.code.name, time.perf_counter() - started)
+            record(self.metrics.request, name, version or 0, variant or "", e.code.name, time.perf_counter() - started)
             self.tracing.finish(span, (), e.code.name)
             raise
-        self.metrics.request(name, served.version, variant_name, "OK", time.perf_counter() - started)
+        record(self.metrics.request, name, served.version, variant_name, "OK", time.perf_counter() - started)
         if span is not None:
             self.tracing.finish(span, result.stages, "OK", {"recserve.version": served.version,
                                                             "recserve.variant": variant_name,

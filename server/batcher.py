@@ -52,10 +52,12 @@ class _Pending:
 
 class DynamicBatcher:
     def __init__(self, run_batch: Callable[[Sequence], Sequence], config: BatchingConfig, executor: Executor,
-                 name: str = "", observe: Callable[[int, list[float], float], None] | None = None,
+                 name: str = "", observe: Callable[[int, list[float], float, Sequence | None], None] | None = None,
                  in_flight: Callable[[], int] | None = None, loop_has_room: Callable[[], bool] | None = None):
-        """``observe(batch size, each request's seconds in the queue, compute seconds)`` is
-        called after each batch (metrics). ``in_flight()`` counts the server's requests
+        """``observe(batch size, each request's seconds in the queue, compute seconds, the
+        batch's results or None if it raised)`` is called after each batch (metrics), from
+        the event loop once the batch's answers are out: a lone request's reply does not
+        wait on it. ``in_flight()`` counts the server's requests
         being handled: a lone request may skip the queue (see submit), a batch gives the
         others one loop pass to join it. ``loop_has_room()``: whether the event loop thread
         has time for cheap compute now (default: always)."""
@@ -140,10 +142,10 @@ class DynamicBatcher:
             self.items += 1
             self.inline_batches += 1
             started = time.perf_counter()
-            result = self._timed([item])[0]
+            results = self._timed([item])
             if self._observe is not None:
-                self._observe(1, [0.0], time.perf_counter() - started)
-            return result
+                loop.call_soon(self._observe, 1, [0.0], time.perf_counter() - started, results)
+            return results[0]
         pending = _Pending(item, loop.create_future(), deadline, loop.time())
         self._queue.append(pending)
         self._arrived.set()
@@ -242,6 +244,7 @@ class DynamicBatcher:
                 results = await loop.run_in_executor(self._executor, self._timed, items)
             outcomes = list(zip(live, results, strict=True))
         except Exception as e:
+            results = None
             if len(live) == 1:
                 outcomes = [(live[0], e)]
             else:  # find the request that broke the batch; the others still get answers
@@ -255,7 +258,8 @@ class DynamicBatcher:
         self.batches += 1
         self.items += len(live)
         if self._observe is not None:
-            self._observe(len(live), [queued_since - p.arrived for p in live], time.perf_counter() - started)
+            loop.call_soon(self._observe, len(live), [queued_since - p.arrived for p in live],
+                           time.perf_counter() - started, results)
         for p, outcome in outcomes:
             if p.future.done():
                 continue

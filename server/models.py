@@ -342,13 +342,12 @@ class ModelRegistry:
             return ServedVersion(name, version, model, None)
 
         def run(queries):
-            results = recommend_batch(model, self.features, queries)
+            return recommend_batch(model, self.features, queries)
+
+        def observe(size: int, queued: list[float], compute: float, results) -> None:
+            self.metrics.batch(name, version, size, queued, compute)
             if results:
                 self.metrics.stages(name, version, results[0].stages)
-            return results
-
-        def observe(size: int, queued: list[float], compute: float) -> None:
-            self.metrics.batch(name, version, size, queued, compute)
 
         batcher = DynamicBatcher(run, self.config.batching, self.executor, name=f"{name}/{version}", observe=observe,
                                  in_flight=self.in_flight, loop_has_room=self.loop_has_room)
