@@ -330,7 +330,7 @@ RS_AVX512BF16 int64_t prefilter_lanes_bf16(const uint32_t* qt2, int64_t w, const
 // sums reduced four at a time. A short last block repeats the final row. The rows
 // kRowFilterPrefetch ahead (past this tile while `readable` allows) are prefetched: the
 // rows stream from L3 or memory with little compute each, and without it the pass ran at
-// under half the float32 row kernel's bandwidth on Zen 4 (10k x 64 items, one query:
+// under half the float32 row kernel's bandwidth on Zen 5 (10k x 64 items, one query:
 // 1.3-1.75x slower than the float32 rows it reads half of; 1M items 1.2x).
 constexpr int64_t kRowFilterPrefetch = 32;
 RS_AVX512BF16 int64_t prefilter_row_bf16(const uint32_t* q2, float thr_lo, const uint32_t* xb, int64_t n,
