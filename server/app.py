@@ -367,7 +367,7 @@ def serve_processes(config: ServerConfig, workers: int) -> None:
     ctx = multiprocessing.get_context("spawn")
     # Each worker has its own metrics endpoint: metrics_port + its index (0: any free port).
     procs = [ctx.Process(target=_worker, name=f"recserve-worker-{i}", args=(dataclasses.replace(
-        config, metrics_port=config.metrics_port + i if config.metrics_port else config.metrics_port),))
+        config, metrics_port=config.metrics_port + i if config.metrics_port else config.metrics_port), os.getpid()))
         for i in range(workers)]
     stopping = False
 
@@ -395,7 +395,16 @@ def serve_processes(config: ServerConfig, workers: int) -> None:
         raise RuntimeError(f"worker(s) exited with an error: {', '.join(failed) or 'unexpected exit'}")
 
 
-def _worker(config: ServerConfig) -> None:
+def _worker(config: ServerConfig, parent: int) -> None:
+    # A worker outlives a parent killed with SIGKILL (nothing can forward that signal), and
+    # would keep serving on, holding the ports: on Linux the kernel sends it SIGTERM then
+    # (PR_SET_PDEATHSIG), so it drains and exits like its siblings.
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the request took effect
+            return
     asyncio.run(serve(config, share_port=True))
 
 

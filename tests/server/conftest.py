@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import signal
+import subprocess
 import threading
 from pathlib import Path
 
@@ -71,6 +73,59 @@ def metric(server: ServerThread, name: str, **labels) -> float:
     text = urllib.request.urlopen(f"http://localhost:{server.server.metrics.port}/metrics").read().decode()
     return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
+class WorkerServer:
+    """`recserve serve --workers N` as a child process in its own session, for the tests of
+    worker processes: ``lines()`` waits for each worker's "(pid ...) serving" line, and
+    leaving the block stops the whole process group, so a failed test leaves no worker
+    holding a port that a later test needs.
+
+        with WorkerServer([... "--workers", "2"]) as server:
+            lines = server.lines(2)
+            server.stop()            # SIGTERM: drain; returns the exit status
+    """
+
+    def __init__(self, cmd: list[str]):
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+
+    def lines(self, n: int, timeout: float = 120) -> list[str]:
+        got: list[str] = []
+
+        def read():
+            while len([x for x in got if "(pid " in x]) < n:
+                line = self.proc.stdout.readline()
+                if not line:
+                    return
+                got.append(line)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        serving = [x for x in got if "(pid " in x]
+        if len(serving) < n:
+            self._kill()
+            raise AssertionError(f"{n} workers should each print a serving line; stdout {got!r}, exit code "
+                                 f"{self.proc.returncode}, stderr:\n{self.proc.stderr.read()[-3000:]}")
+        return serving
+
+    def stop(self, timeout: float = 30) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def _kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def __enter__(self) -> WorkerServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._kill()  # the workers too, whatever happened
 
 
 def server_config(repo: Path, **batching) -> ServerConfig:

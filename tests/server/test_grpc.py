@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from recserve.clients import RecommendClient
 from recserve.server.retrieval import RetrievalModel
-from tests.server.conftest import ServerThread, server_config, target_of
+from tests.server.conftest import ServerThread, WorkerServer, server_config, target_of
 
 PORTS = ["main", "native"]  # the grpc.aio port, and the gRPC C++ front end's (server/native.py)
 
@@ -388,20 +388,15 @@ def test_tensorrt_engine_serves_the_golden_answers(repo, tmp_path):
 
 
 def test_worker_processes_share_the_port_and_drain_together(repo):
-    import os
-    import signal
     import socket
-    import subprocess
     import sys
 
     with socket.socket() as probe:  # a free port for the workers to share
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "recserve.cli", "serve", "--repository", str(repo), "--host", "localhost",
-         "--port", str(port), "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        pids = {proc.stdout.readline().split("pid ")[1].split(")")[0] for _ in range(2)}
+    with WorkerServer([sys.executable, "-m", "recserve.cli", "serve", "--repository", str(repo), "--host",
+                       "localhost", "--port", str(port), "--workers", "2", "--metrics-port", "0"]) as server:
+        pids = {line.split("pid ")[1].split(")")[0] for line in server.lines(2)}
         assert len(pids) == 2  # two processes, each serving on the one port
         answered = set()
         for _ in range(8):  # fresh connections land on either worker
@@ -409,11 +404,35 @@ def test_worker_processes_share_the_port_and_drain_together(repo):
             with RecommendClient("", channel=channel) as client:
                 answered.add(tuple(client.recommend("tiny", "7", k=3, timeout=10).item_ids))
         assert len(answered) == 1  # the same model answers identically wherever it lands
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        assert server.stop() == 0
+
+
+def test_workers_exit_when_their_parent_is_killed(repo):
+    import os
+    import signal
+    import socket
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    with WorkerServer([sys.executable, "-m", "recserve.cli", "serve", "--repository", str(repo), "--host",
+                       "localhost", "--port", str(port), "--workers", "2", "--metrics-port", "off"]) as server:
+        pids = [int(line.split("pid ")[1].split(")")[0]) for line in server.lines(2)]
+        os.kill(server.proc.pid, signal.SIGKILL)  # no chance to stop them itself
+        server.proc.wait()
+
+        def alive(pid: int) -> bool:
+            try:
+                return not open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+            except FileNotFoundError:
+                return False
+
+        deadline = time.monotonic() + 30
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in pids), "workers kept running after their parent was killed"
 
 
 def test_workers_need_a_fixed_port(repo):

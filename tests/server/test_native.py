@@ -20,7 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recserve.clients import RecommendClient
 from recserve.server.config import ServerConfig
 from recserve.v1 import model_service_pb2, model_service_pb2_grpc, recommend_pb2, recommend_pb2_grpc
-from tests.server.conftest import ServerThread, metric, server_config, skip_without_native, target_of
+from tests.server.conftest import (ServerThread, WorkerServer, metric, server_config, skip_without_native,
+                                   target_of)
 
 
 @pytest.fixture(autouse=True)
@@ -202,20 +203,16 @@ def test_the_cli_serves_the_native_port_and_sigterm_drains_in_flight_calls(repo)
 
 
 def test_worker_processes_share_the_native_port(repo):
-    import signal
-
     sockets = [socket.socket() for _ in range(2)]
     for probe in sockets:  # two free ports for the workers to share
         probe.bind(("localhost", 0))
     port, native_port = (probe.getsockname()[1] for probe in sockets)
     for probe in sockets:
         probe.close()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "recserve.cli", "serve", "--repository", str(repo), "--host", "localhost",
-         "--port", str(port), "--native-port", str(native_port), "--workers", "2", "--metrics-port", "off"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        lines = [proc.stdout.readline() for _ in range(2)]
+    with WorkerServer([sys.executable, "-m", "recserve.cli", "serve", "--repository", str(repo), "--host",
+                       "localhost", "--port", str(port), "--native-port", str(native_port), "--workers", "2",
+                       "--metrics-port", "off"]) as server:
+        lines = server.lines(2)
         assert all(f"(native port {native_port}) on port {port}" in line for line in lines), lines
         assert len({line.split("pid ")[1].split(")")[0] for line in lines}) == 2
         answered = set()
@@ -225,11 +222,7 @@ def test_worker_processes_share_the_native_port(repo):
             with RecommendClient("", channel=channel) as client:
                 answered.add(tuple(client.recommend("tiny", "7", k=3, timeout=10).item_ids))
         assert len(answered) == 1
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        assert server.stop() == 0
 
 
 def test_workers_need_a_fixed_native_port(repo):
