@@ -165,7 +165,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
     async def _answer(self, name, version, variant, query, deadline, metadata=None):
         started = time.perf_counter()
         span = self.tracing.start("recserve.Recommend", metadata, {"recserve.model": name, "recserve.k": query.k})
-        # Recorded by the loop once this reply is out (call_soon), not before it.
+        # Recorded by the loop after this handler returns (call_soon): the reply does not wait on it.
         record = asyncio.get_running_loop().call_soon
         try:
             result, served, variant_name = await self.registry.recommend(name, query, deadline, version, variant)

@@ -56,8 +56,8 @@ class DynamicBatcher:
                  in_flight: Callable[[], int] | None = None, loop_has_room: Callable[[], bool] | None = None):
         """``observe(batch size, each request's seconds in the queue, compute seconds, the
         batch's results or None if it raised)`` is called after each batch (metrics), from
-        the event loop once the batch's answers are out: a lone request's reply does not
-        wait on it. ``in_flight()`` counts the server's requests
+        the event loop after the batch's callers have resumed with their answers: no reply
+        waits on it. ``in_flight()`` counts the server's requests
         being handled: a lone request may skip the queue (see submit), a batch gives the
         others one loop pass to join it. ``loop_has_room()``: whether the event loop thread
         has time for cheap compute now (default: always)."""
@@ -257,9 +257,7 @@ class DynamicBatcher:
                         outcomes.append((p, single))
         self.batches += 1
         self.items += len(live)
-        if self._observe is not None:
-            loop.call_soon(self._observe, len(live), [queued_since - p.arrived for p in live],
-                           time.perf_counter() - started, results)
+        compute = time.perf_counter() - started
         for p, outcome in outcomes:
             if p.future.done():
                 continue
@@ -267,3 +265,5 @@ class DynamicBatcher:
                 p.future.set_exception(outcome)
             else:
                 p.future.set_result(outcome)
+        if self._observe is not None:  # after the callers' wake-ups, which set_result scheduled
+            loop.call_soon(self._observe, len(live), [queued_since - p.arrived for p in live], compute, results)

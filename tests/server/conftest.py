@@ -7,6 +7,7 @@ import dataclasses
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -87,7 +88,10 @@ class WorkerServer:
     """
 
     def __init__(self, cmd: list[str]):
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # stderr to a file, not a pipe: nobody reads it while the workers run, and a full
+        # pipe would block their logging.
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
                                      start_new_session=True)
 
     def lines(self, n: int, timeout: float = 120) -> list[str]:
@@ -106,8 +110,9 @@ class WorkerServer:
         serving = [x for x in got if "(pid " in x]
         if len(serving) < n:
             self._kill()
+            self._stderr.seek(0)
             raise AssertionError(f"{n} workers should each print a serving line; stdout {got!r}, exit code "
-                                 f"{self.proc.returncode}, stderr:\n{self.proc.stderr.read()[-3000:]}")
+                                 f"{self.proc.returncode}, stderr:\n{self._stderr.read()[-3000:]}")
         return serving
 
     def stop(self, timeout: float = 30) -> int:
@@ -126,6 +131,7 @@ class WorkerServer:
 
     def __exit__(self, *exc) -> None:
         self._kill()  # the workers too, whatever happened
+        self._stderr.close()
 
 
 def server_config(repo: Path, **batching) -> ServerConfig:

@@ -425,7 +425,7 @@ def test_workers_exit_when_their_parent_is_killed(repo):
 
         def alive(pid: int) -> bool:
             try:
-                return not open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+                return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"  # Z: exited
             except FileNotFoundError:
                 return False
 
