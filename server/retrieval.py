@@ -109,8 +109,8 @@ class RetrievalModel:
 
     @cached_property
     def search_items(self):
-        """The item matrix as top-k searches it: ``kernels.prepare_items`` (the bfloat16
-        pre-filter's rows made once per version, not in every batch), made on first use --
+        """The item matrix as top-k searches it: ``kernels.prepare_items`` (the bfloat16 or
+        int8 pre-filter's rows made once per version, not in every batch), made on first use --
         the golden check at load, so never in a request. Results equal the plain matrix's."""
         return kernels.prepare_items(self.item_matrix)
 

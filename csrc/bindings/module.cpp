@@ -170,10 +170,10 @@ py::array_t<float> embedding_bag_py(const py::object& table, const py::object& i
   return out;
 }
 
-// kernels.prepare_items: an item matrix with the top-k's bfloat16 form made once.
+// kernels.prepare_items: an item matrix with the top-k's filter form (bfloat16 or int8) made once.
 struct PreparedItems {
   py::array items;  // rows contiguous; must not change while prepared
-  std::shared_ptr<const cpu::Bf16Items> bf16;
+  cpu::PreparedItems forms;
 };
 
 PreparedItems prepare_items_py(const py::object& items) {
@@ -181,19 +181,19 @@ PreparedItems prepare_items_py(const py::object& items) {
   py::array it = rows_contiguous(as_numpy(items, op, "items"));
   const TensorView iv = host_view(it);
   check_topk_items(op, iv);
-  PreparedItems p{it, nullptr};
+  PreparedItems p{it, {}};
   {
     py::gil_scoped_release nogil;
-    p.bf16 = cpu::topk_prepare_bf16(iv);
+    p.forms = cpu::topk_prepare(iv);
   }
   return p;
 }
 
-// The items of a top-k call as an array; a PreparedItems also gives its bfloat16 form.
-py::array topk_items(const py::object& items, const char* op, const cpu::Bf16Items*& prepared) {
+// The items of a top-k call as an array; a PreparedItems also gives its filter form.
+py::array topk_items(const py::object& items, const char* op, const cpu::PreparedItems*& prepared) {
   if (py::isinstance<PreparedItems>(items)) {
     const auto& p = items.cast<const PreparedItems&>();
-    prepared = p.bf16.get();
+    prepared = &p.forms;
     return p.items;
   }
   prepared = nullptr;
@@ -204,7 +204,7 @@ py::tuple topk_py(const py::object& queries, const py::object& items, int64_t k,
                   const py::object& exclude_indptr, const py::object& exclude_ids) {
   const char* op = "topk_inner_product";
   py::array q = contiguous(as_numpy(queries, op, "queries"));
-  const cpu::Bf16Items* prepared = nullptr;
+  const cpu::PreparedItems* prepared = nullptr;
   py::array it = topk_items(items, op, prepared);
   py::array ei, ej;
   const TensorView qv = host_view(q), iv = host_view(it);
@@ -221,12 +221,12 @@ py::tuple topk_py(const py::object& queries, const py::object& items, int64_t k,
   return py::make_tuple(scores, ids);
 }
 
-// Test hook for the bfloat16 pre-filter of the CPU top-k (see ops.h).
-py::array_t<int64_t> topk_bf16_filter_py(const py::object& queries, const py::object& items,
+// Test hook for the pre-filters of the CPU top-k (see ops.h).
+py::array_t<int64_t> topk_filter_py(const py::object& queries, const py::object& items,
                                          const py::object& thresholds, bool one_query) {
   const char* op = "topk_inner_product";
   py::array q = contiguous(as_numpy(queries, op, "queries"));
-  const cpu::Bf16Items* prepared = nullptr;
+  const cpu::PreparedItems* prepared = nullptr;
   py::array it = topk_items(items, op, prepared);
   py::array_t<float, py::array::c_style | py::array::forcecast> t(thresholds);
   const TensorView qv = host_view(q), iv = host_view(it);
@@ -235,7 +235,7 @@ py::array_t<int64_t> topk_bf16_filter_py(const py::object& queries, const py::ob
   std::vector<int64_t> rows;
   {
     py::gil_scoped_release nogil;
-    rows = cpu::topk_bf16_filter_rows(qv, iv, t.data(), prepared, one_query);
+    rows = cpu::topk_filter_rows(qv, iv, t.data(), prepared, one_query);
   }
   return py::array_t<int64_t>(py::ssize_t(rows.size()), rows.data());
 }
@@ -269,19 +269,18 @@ PYBIND11_MODULE(_C, m) {
         py::kw_only(), py::arg("exclude_indptr") = py::none(), py::arg("exclude_ids") = py::none());
   py::class_<PreparedItems>(m, "PreparedItems", "An item matrix prepared for many top-k calls (kernels.prepare_items).")
       .def_readonly("items", &PreparedItems::items)
-      .def_property_readonly("bfloat16", [](const PreparedItems& p) { return p.bf16 != nullptr; })
-      .def_property_readonly("nbytes", [](const PreparedItems& p) {  // beyond the items themselves
-        return p.bf16 ? int64_t(p.bf16->rows.size() * 4 + p.bf16->tile_norms.size() * 4) : int64_t(0);
-      });
+      .def_property_readonly("bfloat16", [](const PreparedItems& p) { return p.forms.bf16 != nullptr; })
+      .def_property_readonly("int8", [](const PreparedItems& p) { return p.forms.i8 != nullptr; })
+      .def_property_readonly("nbytes", [](const PreparedItems& p) { return p.forms.nbytes(); });  // beyond the items
   m.def("prepare_items", &prepare_items_py, py::arg("items"));
   m.def("build_info", &build_info_py);
   // Test/benchmark hooks: run the CPU kernels with a lower ISA than the best.
   m.def("_set_isa", &recserve::cpu::set_isa, py::arg("name"));
   m.def("_isa", [] { return std::string(recserve::cpu::simd().name); });
-  m.def("_topk_bf16_filtered_tiles", &recserve::cpu::topk_bf16_filtered_tiles);
+  m.def("_topk_filtered_tiles", &recserve::cpu::topk_filtered_tiles);
   // Server hook: kernels called from this thread use at most n threads (the model loader).
   m.def("_set_calling_thread_limit", &recserve::cpu::set_calling_thread_limit, py::arg("n"));
   m.def("_calling_thread_limit", &recserve::cpu::max_threads);
-  m.def("_topk_bf16_filter", &topk_bf16_filter_py, py::arg("queries"), py::arg("items"), py::arg("thresholds"),
+  m.def("_topk_filter", &topk_filter_py, py::arg("queries"), py::arg("items"), py::arg("thresholds"),
         py::arg("one_query") = false);
 }

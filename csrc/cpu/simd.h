@@ -64,6 +64,19 @@ struct SimdKernels {
   // `readable` >= n rows exist from xb on (the kernel may prefetch past the n it scores).
   int64_t (*prefilter_row_bf16)(const uint32_t* q2, float thr_lo, const uint32_t* xb, int64_t n, int64_t readable,
                                 int64_t dp, int32_t* hits);
+
+  // Optional (nullptr except on AVX2): the same two filters over an int8 form of the rows,
+  // for CPUs without bfloat16 arithmetic (four 8-bit products per 32-bit lane: twice the
+  // float32 FMA rate, a quarter of its bytes). Rows xq are [n][dq] bytes (dq: d rounded up
+  // to 4), each x_hat + 128 for x_hat in [-127, 127]; queries are q_hat in [-63, 63] (so
+  // that two products never overflow 16 bits), padded with 0. The approximate score of
+  // lane l is scale[l] * (dot(x_hat + 128, q_hat) - off[l]) with off[l] = 128 * sum(q_hat);
+  // the rows where some lane's exceeds thr_lo[l] are returned. Lanes: qt4 is [dq / 4][w]
+  // words of four q_hat bytes. One query: q8, its dq bytes (readable as for the bfloat16 kernel).
+  int64_t (*prefilter_lanes_i8)(const int32_t* qt4, int64_t w, const int32_t* off, const float* scale,
+                                const float* thr_lo, const uint8_t* xq, int64_t n, int64_t dq, int32_t* hits);
+  int64_t (*prefilter_row_i8)(const int8_t* q8, int32_t off, float scale, float thr_lo, const uint8_t* xq,
+                              int64_t n, int64_t readable, int64_t dq, int32_t* hits);
 };
 
 const SimdKernels& simd_scalar();

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "cpu/half.h"
 #include "cpu/prefetch.h"
@@ -199,13 +200,129 @@ RS_AVX2 int64_t pool_bags(const char* base, int64_t ld_bytes, bool half, const i
   return -1;
 }
 
+// -- the int8 pre-filter (topk_cpu.cpp) ----------------------------------------------
+// VPMADDUBSW multiplies unsigned bytes (rows: x_hat + 128) by signed bytes (queries,
+// |q_hat| <= 63, so a pair of products fits 16 bits) and adds pairs; VPMADDWD by ones adds
+// those pairs into 32 bits: 32 products per two multiply-port instructions, where one
+// float32 FMA makes 8. The offset 128 * sum(q_hat) is taken off once per row.
+
+RS_AVX2 inline __m256i dot4_i8(__m256i x, __m256i q, __m256i ones16) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(x, q), ones16);
+}
+
+// R rows x G lane groups: each row's four bytes at p are broadcast and multiplied into
+// G groups of 8 queries.
+template <int R, int G>
+RS_AVX2 inline void i8_block(const int32_t* qt4, int64_t w, int64_t l0, const __m256i* off, const __m256* scale,
+                             const __m256* thr_lo, const uint8_t* xq, int64_t dq, int64_t i0, int32_t* flags) {
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256i acc[R][G];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) acc[r][g] = _mm256_setzero_si256();
+  const uint8_t* xr = xq + i0 * dq;
+  for (int64_t p = 0; p < dq; p += 4) {
+    __m256i qv[G];
+    for (int g = 0; g < G; ++g)
+      qv[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qt4 + p / 4 * w + l0 + g * kLanes));
+    for (int r = 0; r < R; ++r) {
+      int32_t word;
+      std::memcpy(&word, xr + r * dq + p, sizeof word);
+      const __m256i b = _mm256_set1_epi32(word);
+      for (int g = 0; g < G; ++g) acc[r][g] = _mm256_add_epi32(acc[r][g], dot4_i8(b, qv[g], ones16));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) {
+      const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][g], off[g])), scale[g]);
+      if (_mm256_movemask_ps(_mm256_cmp_ps(v, thr_lo[g], _CMP_GT_OQ))) flags[i0 + r] = 1;
+    }
+}
+
+template <int R, int G>
+RS_AVX2 inline void i8_pass(const int32_t* qt4, int64_t w, int64_t l0, const int32_t* off, const float* scale,
+                            const float* thr_lo, const uint8_t* xq, int64_t n, int64_t dq, int32_t* flags) {
+  __m256i o[G];
+  __m256 s[G], t[G];
+  for (int g = 0; g < G; ++g) {
+    o[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off + l0 + g * kLanes));
+    s[g] = _mm256_loadu_ps(scale + l0 + g * kLanes);
+    t[g] = _mm256_loadu_ps(thr_lo + l0 + g * kLanes);
+  }
+  int64_t i = 0;
+  for (; i + R <= n; i += R) i8_block<R, G>(qt4, w, l0, o, s, t, xq, dq, i, flags);
+  for (; i < n; ++i) i8_block<1, G>(qt4, w, l0, o, s, t, xq, dq, i, flags);
+}
+
+RS_AVX2 int64_t prefilter_lanes_i8(const int32_t* qt4, int64_t w, const int32_t* off, const float* scale,
+                                   const float* thr_lo, const uint8_t* xq, int64_t n, int64_t dq, int32_t* hits) {
+  for (int64_t i = 0; i < n; ++i) hits[i] = 0;
+  int64_t l0 = 0;
+  for (; l0 + 2 * kLanes <= w; l0 += 2 * kLanes) i8_pass<4, 2>(qt4, w, l0, off, scale, thr_lo, xq, n, dq, hits);
+  if (l0 < w) i8_pass<8, 1>(qt4, w, l0, off, scale, thr_lo, xq, n, dq, hits);
+  int64_t nh = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (hits[i]) hits[nh++] = int32_t(i);
+  return nh;
+}
+
+// One query against int8 rows, 8 rows at a time (a short last block repeats the final
+// row), 32 bytes per step (masked to whole words at the end of a row); the 8 row sums
+// reduced together. Rows kRowFilterPrefetch ahead are prefetched while `readable` allows.
+constexpr int64_t kRowFilterPrefetch = 32;
+RS_AVX2 int64_t prefilter_row_i8(const int8_t* q8, int32_t off, float scale, float thr_lo, const uint8_t* xq,
+                                 int64_t n, int64_t readable, int64_t dq, int32_t* hits) {
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const __m256 t = _mm256_set1_ps(thr_lo), sc = _mm256_set1_ps(scale);
+  const __m256i o = _mm256_set1_epi32(off);
+  int64_t nh = 0;
+  for (int64_t i = 0; i < n; i += 8) {
+    const int64_t rows = std::min<int64_t>(8, n - i);
+    if (i + kRowFilterPrefetch + 8 <= readable) {
+      const char* ahead = reinterpret_cast<const char*>(xq + (i + kRowFilterPrefetch) * dq);
+      for (int64_t b = 0; b < 8 * dq; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+    }
+    const uint8_t* row[8];
+    for (int r = 0; r < 8; ++r) row[r] = xq + (i + std::min<int64_t>(r, rows - 1)) * dq;
+    __m256i acc[8];
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_si256();
+    for (int64_t p = 0; p < dq; p += 32) {
+      const int64_t words = std::min<int64_t>((dq - p) / 4, kLanes);
+      if (words == kLanes) {
+        const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + p));
+        for (int r = 0; r < 8; ++r)
+          acc[r] = _mm256_add_epi32(
+              acc[r], dot4_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + p)), qv, ones16));
+      } else {
+        const __m256i m = tail_mask(words);
+        const __m256i qv = _mm256_maskload_epi32(reinterpret_cast<const int*>(q8 + p), m);
+        for (int r = 0; r < 8; ++r)
+          acc[r] = _mm256_add_epi32(
+              acc[r], dot4_i8(_mm256_maskload_epi32(reinterpret_cast<const int*>(row[r] + p), m), qv, ones16));
+      }
+    }
+    // hadd pairs, then swap 128-bit halves: lane r holds row r's sum.
+    const __m256i h01 = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
+    const __m256i h23 = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[4], acc[5]), _mm256_hadd_epi32(acc[6], acc[7]));
+    const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(h01, h23, 0x20),
+                                          _mm256_permute2x128_si256(h01, h23, 0x31));
+    const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sums, o)), sc);
+    unsigned pass = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(v, t, _CMP_GT_OQ)));
+    while (pass) {
+      const int64_t r = __builtin_ctz(pass);
+      if (r < rows) hits[nh++] = int32_t(i + r);
+      pass &= pass - 1;
+    }
+  }
+  return nh;
+}
+
 }  // namespace
 
 const SimdKernels& simd_avx2() {
   static const SimdKernels k{"avx2",             kLanes,           score_tile_row,
                              score_tile_row_f16, score_tile_lanes, half_to_float_rows,
                              pool_bags,          nullptr,          nullptr,
-                             nullptr};
+                             nullptr,            prefilter_lanes_i8, prefilter_row_i8};
   return k;
 }
 #else

@@ -208,12 +208,13 @@ def test_concurrent_calls_from_python_threads_agree():
         _check_exact(got, expected)
 
 
-# -- the bfloat16 pre-filter (AVX512_BF16 CPUs) ----------------------------------------
+# -- the pre-filters: bfloat16 (AVX512_BF16 CPUs), int8 (AVX2) ------------------------
 
-def _bf16_problems():
-    """Data that stresses the filter's error bound: unit vectors (scores packed near the
+def _filter_problems():
+    """Data that stresses the filters' error bounds: unit vectors (scores packed near the
     threshold), heavy-tailed norms, tiny magnitudes (bfloat16 subnormals flush to zero),
-    near-duplicate rows (ties within the bound), odd and narrow widths."""
+    near-duplicate rows (ties within the bound), odd and narrow widths, and outliers
+    that make a tile's (or a query's) int8 scale coarse for everything else in it."""
     rng = np.random.default_rng(21)
     unit = rng.standard_normal((40_000, 64)).astype(np.float32)
     unit /= np.linalg.norm(unit, axis=1, keepdims=True)
@@ -231,12 +232,50 @@ def _bf16_problems():
     # AMX tiles: 32 dimensions per step, a row count off the 32-row blocks, three lane groups
     wide = (rng.standard_normal((20_003, 128)) * np.exp(rng.standard_normal((20_003, 1)))).astype(np.float32)
     yield "heavy-tailed, d=128", wide, rng.standard_normal((45, 128)).astype(np.float32)
+    outliers = rng.standard_normal((30_000, 40)).astype(np.float32)
+    outliers[::97, 3] *= 300  # most tiles hold a row whose coordinate sets the tile's scale
+    spiky = rng.standard_normal((12, 40)).astype(np.float32)
+    spiky[:, 5] *= 50
+    yield "outliers", outliers, spiky
+
+
+class Prefilter:
+    """A pre-filter kernel and the ISA it runs on: ``one_query`` (one to three queries,
+    over prepared rows) or the lanes kernel (four or more); the int8 filter reads
+    prepared rows only. ``plain_isa``: the same float32 kernels without any filter."""
+
+    def __init__(self, isa: str, kernel: str):
+        self.isa, self.kernel = isa, kernel
+        self.one_query = kernel.endswith("row")
+        self.int8 = kernel.startswith("int8")
+        self.needs_prepared = self.one_query or self.int8
+        self.plain_isa = "avx2" if isa == "avx2" else "avx512"
+
+    def source(self, items):
+        return kernels.prepare_items(items) if self.needs_prepared else items
+
+    def __repr__(self):
+        return f"{self.kernel} on {self.isa}"
+
+
+@pytest.fixture(params=[("avx2", "int8 lanes"), ("avx2", "int8 row"), ("avx512bf16", "bf16 lanes"),
+                        ("avx512bf16", "bf16 row"), ("amx", "bf16 lanes")], ids=lambda p: f"{p[1]}-{p[0]}")
+def prefilter(request):
+    """Each pre-filter kernel on each ISA that has it: int8 on AVX2 (lanes and one-query),
+    bfloat16 on AVX512_BF16 (both) and the AMX tile unit's form of the lanes kernel."""
+    from recserve import _C
+
+    isa, kernel = request.param
+    supported = _C.build_info()["cpu_isas_supported"]
+    if isa not in supported:
+        pytest.skip(f"this CPU (or kernel) has no {isa}, so its {kernel} filter never runs here "
+                    f"(supports {supported})")
+    return Prefilter(isa, kernel)
 
 
 @pytest.fixture(params=["avx512bf16", "amx"])
 def bf16_isa(request):
-    """Each ISA with the bfloat16 pre-filter: AVX512_BF16, and the AMX tile unit's form of
-    its lanes kernel (the one-query kernel is the same in both)."""
+    """Each ISA whose bfloat16 lanes filter can convert rows per call (no prepared items)."""
     from recserve import _C
 
     supported = _C.build_info()["cpu_isas_supported"]
@@ -247,18 +286,16 @@ def bf16_isa(request):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("one_query", [False, True])
-def test_bf16_prefilter_never_drops_a_row_that_beats_the_threshold(dtype, one_query, bf16_isa):
+def test_prefilter_never_drops_a_row_that_beats_the_threshold(dtype, prefilter):
     """Soundness of the error bound, tested on the filter itself: thresholds sit at each
-    query's 99.5th percentile score, so thousands of rows lie within the bfloat16 error
-    of them; every row scoring above (by more than float32 rounding) must pass. Both
-    kernels: the lanes filter (four or more queries) and the one-query filter over
-    prepared rows (one to three; it sums in another order)."""
+    query's 99.5th percentile score, so thousands of rows lie within the filter's error
+    of them; every row scoring above (by more than float32 rounding) must pass. The
+    one-query kernels (one to three queries) sum in another order than the lanes ones."""
     from recserve import _C
 
-    for name, items, queries in _bf16_problems():
+    for name, items, queries in _filter_problems():
         items = items.astype(dtype)
-        if one_query:
+        if prefilter.one_query:
             queries = queries[:3]
         x = items.astype(np.float64)
         exact = queries.astype(np.float64) @ x.T
@@ -267,52 +304,60 @@ def test_bf16_prefilter_never_drops_a_row_that_beats_the_threshold(dtype, one_qu
         rounding = queries.shape[1] * 2.0**-23 * np.outer(np.linalg.norm(queries, axis=1), np.linalg.norm(x, axis=1))
         must_pass = np.flatnonzero(np.any(exact > thr[:, None] + rounding, axis=0))
         try:
-            _C._set_isa(bf16_isa)
-            source = kernels.prepare_items(items) if one_query else items
-            passed = _C._topk_bf16_filter(queries, source, thr, one_query=one_query)
+            _C._set_isa(prefilter.isa)
+            passed = _C._topk_filter(queries, prefilter.source(items), thr, one_query=prefilter.one_query)
         finally:
             _C._set_isa("best")
         missed = np.setdiff1d(must_pass, passed)
         assert len(missed) == 0, f"{name}: {len(missed)} rows above the threshold were filtered out"
         if name == "unit":  # and it is a filter: few rows pass that need not
-            assert len(passed) < 2 * len(must_pass), f"{name}: {len(passed)} rows passed, {len(must_pass)} needed to"
+            limit = 3 if prefilter.int8 else 2  # int8's bound is wider than bfloat16's
+            assert len(passed) < limit * len(must_pass), f"{name}: {len(passed)} rows passed, {len(must_pass)} needed to"
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("k", [1, 20, 300])
-@pytest.mark.parametrize("num_queries, prepared", [(None, False), (None, True), (1, True), (3, True)])
-def test_bf16_prefilter_gives_the_float32_results_bit_for_bit(dtype, k, num_queries, prepared, bf16_isa):
+def test_prefilter_gives_the_float32_results_bit_for_bit(dtype, k, prefilter):
     """The filter only decides which rows the float32 kernel scores: ids and scores must
-    be the same bits as with plain AVX-512, and the filter must actually have run. With
-    prepared items (kernels.prepare_items) the bfloat16 rows are made once, and one to
-    three queries (the row kernel) are filtered too."""
+    be the same bits as with the plain kernels, and the filter must actually have run.
+    The bfloat16 lanes filter converts rows per call or reads prepared ones; the others
+    read prepared rows (kernels.prepare_items), the one-query kernels with 1 or 3 queries."""
     from recserve import _C
 
-    for name, items, queries in _bf16_problems():
-        items, queries = items.astype(dtype), queries[:num_queries]
-        rng = np.random.default_rng(len(queries))
-        counts = rng.integers(0, 5, len(queries))
-        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        ids = rng.integers(0, len(items), int(indptr[-1])).astype(np.int64)
-        try:
-            _C._set_isa("avx512")
-            expected = kernels.topk_inner_product(queries, items, k, exclude_indptr=indptr, exclude_ids=ids)
-            _C._set_isa(bf16_isa)
-            searched = kernels.prepare_items(items) if prepared else items
-            before = _C._topk_bf16_filtered_tiles()
-            got = kernels.topk_inner_product(queries, searched, k, exclude_indptr=indptr, exclude_ids=ids)
-            filtered = _C._topk_bf16_filtered_tiles() - before
-        finally:
-            _C._set_isa("best")
-        if prepared:
-            assert searched.bfloat16 and searched.nbytes >= items.shape[0] * ((items.shape[1] + 1) // 2) * 4
-        np.testing.assert_array_equal(got[1], expected[1], err_msg=name)
-        np.testing.assert_array_equal(got[0], expected[0], err_msg=name)
-        if name in ("unit", "heavy-tailed, d=33", "d=7", "d=31", "heavy-tailed, d=128") and k <= 20:
-            assert filtered > 0, f"{name}: the bfloat16 filter never decided a tile"
+    cases = ([(1, True), (3, True)] if prefilter.one_query else [(None, True)] if prefilter.int8
+             else [(None, False), (None, True)])
+    for num_queries, prepared in cases:
+        for name, items, queries in _filter_problems():
+            items, queries = items.astype(dtype), queries[:num_queries]
+            rng = np.random.default_rng(len(queries))
+            counts = rng.integers(0, 5, len(queries))
+            indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            ids = rng.integers(0, len(items), int(indptr[-1])).astype(np.int64)
+            try:
+                _C._set_isa(prefilter.plain_isa)
+                expected = kernels.topk_inner_product(queries, items, k, exclude_indptr=indptr, exclude_ids=ids)
+                _C._set_isa(prefilter.isa)
+                searched = kernels.prepare_items(items) if prepared else items
+                before = _C._topk_filtered_tiles()
+                got = kernels.topk_inner_product(queries, searched, k, exclude_indptr=indptr, exclude_ids=ids)
+                filtered = _C._topk_filtered_tiles() - before
+            finally:
+                _C._set_isa("best")
+            if prepared:
+                row_bytes = (items.shape[1] + 3) // 4 * 4 if prefilter.int8 else (items.shape[1] + 1) // 2 * 4
+                assert (searched.int8 if prefilter.int8 else searched.bfloat16)
+                assert searched.nbytes >= items.shape[0] * row_bytes
+            np.testing.assert_array_equal(got[1], expected[1], err_msg=name)
+            np.testing.assert_array_equal(got[0], expected[0], err_msg=name)
+            # The int8 lanes filter runs only where the heaps warm early in each thread's share.
+            warm = not prefilter.int8 or prefilter.one_query or (
+                len(items) >= 16 * len(queries) * k * _C._calling_thread_limit())
+            # (Not "outliers": a tile's bound grows with its largest row, so most of those pass.)
+            if name in ("unit", "heavy-tailed, d=33", "d=7", "d=31", "heavy-tailed, d=128") and k <= 20 and warm:
+                assert filtered > 0, f"{name}: the filter never decided a tile"
 
 
-def test_bf16_prefilter_falls_back_on_non_finite_rows_and_queries(bf16_isa):
+def test_prefilter_falls_back_on_non_finite_rows_and_queries(prefilter):
     from recserve import _C
 
     rng = np.random.default_rng(22)
@@ -322,11 +367,13 @@ def test_bf16_prefilter_falls_back_on_non_finite_rows_and_queries(bf16_isa):
     with_inf = finite.copy()
     with_inf[3, 4] = np.inf
     for queries in (finite, with_inf):  # bad rows alone; bad rows and a bad query
+        if prefilter.one_query:
+            queries = queries[2:5]
         try:
-            _C._set_isa("avx512")
+            _C._set_isa(prefilter.plain_isa)
             expected = kernels.topk_inner_product(queries, items, 10)
-            _C._set_isa(bf16_isa)
-            got = kernels.topk_inner_product(queries, items, 10)
+            _C._set_isa(prefilter.isa)
+            got = kernels.topk_inner_product(queries, prefilter.source(items), 10)
         finally:
             _C._set_isa("best")
         np.testing.assert_array_equal(got[1], expected[1])
@@ -340,6 +387,7 @@ def test_prepared_items_match_reference_exactly(problem, cpu_isa):
     queries, items, k, indptr, ids = problem
     prepared = kernels.prepare_items(items)
     assert prepared.bfloat16 == (cpu_isa in ("avx512bf16", "amx"))
+    assert prepared.int8 == (cpu_isa == "avx2")
     got = kernels.topk_inner_product(queries, prepared, k, exclude_indptr=indptr, exclude_ids=ids)
     _check_exact(got, ref.topk_inner_product(queries, items, k, exclude_indptr=indptr, exclude_ids=ids))
 
@@ -347,21 +395,22 @@ def test_prepared_items_match_reference_exactly(problem, cpu_isa):
 def test_prepared_filter_passes_the_same_rows_as_the_per_call_filter(bf16_isa):
     from recserve import _C
 
-    for name, items, queries in _bf16_problems():
+    for name, items, queries in _filter_problems():
         exact = queries.astype(np.float64) @ items.astype(np.float64).T
         thr = np.percentile(exact, 99.5, axis=1).astype(np.float32)
         try:
             _C._set_isa(bf16_isa)
-            plain = _C._topk_bf16_filter(queries, items, thr)
-            prepared = _C._topk_bf16_filter(queries, kernels.prepare_items(items), thr)
+            plain = _C._topk_filter(queries, items, thr)
+            prepared = _C._topk_filter(queries, kernels.prepare_items(items), thr)
         finally:
             _C._set_isa("best")
         np.testing.assert_array_equal(prepared, plain, err_msg=name)
 
 
 def test_prepared_items_serve_under_any_isa():
-    """Made with the bfloat16 form, used where the selected ISA has no filter (and the
-    other way round): the form is then ignored or made per call, results unchanged."""
+    """Made with a filter's form (bfloat16 or int8), used where the selected ISA has
+    another filter or none (and the other way round): the form is then ignored (or the
+    bfloat16 rows made per call), results unchanged."""
     from recserve import _C
 
     supported = _C.build_info()["cpu_isas_supported"]
@@ -394,7 +443,8 @@ def test_prepared_items_with_non_finite_rows_and_strided_input():
     got = kernels.topk_inner_product(queries, prepared, 10)
     np.testing.assert_array_equal(got[1], expected[1])
     np.testing.assert_array_equal(got[0], expected[0])
-    assert _C.build_info()["cpu_isa"] not in ("avx512bf16", "amx") or prepared.bfloat16
+    isa = _C.build_info()["cpu_isa"]
+    assert prepared.bfloat16 == (isa in ("avx512bf16", "amx")) and prepared.int8 == (isa == "avx2")
 
 
 @pytest.mark.parametrize("items, message", [

@@ -50,14 +50,16 @@ def test_batch_recommend_equals_offline_computation(server, repo, port):
 
 
 def test_served_versions_search_prepared_items_with_the_plain_matrix_results(server, repo):
-    """The server searches kernels.prepare_items(items) (bfloat16 rows made once where the
+    """The server searches kernels.prepare_items(items) (bfloat16 or int8 rows made once where the
     CPU has the pre-filter); its answers are the plain item matrix's, bit for bit."""
     import numpy as np
 
     from recserve import kernels
 
     model = server.server.registry.get("tiny").model
-    assert model.search_items.bfloat16 == (kernels.build_info()["cpu_isa"] in ("avx512bf16", "amx"))
+    isa = kernels.build_info()["cpu_isa"]
+    assert model.search_items.bfloat16 == (isa in ("avx512bf16", "amx"))
+    assert model.search_items.int8 == (isa == "avx2")
     users = [str(u) for u in range(40)]
     histories = [[f"I{(u * 5 + j) % 120:03d}" for j in range(u % 4)] for u in range(40)]
     vectors = model.user_vectors([{"user_id": u, "history": h} for u, h in zip(users, histories)])
