@@ -140,6 +140,31 @@ def test_the_interceptor_measures_how_busy_the_event_loop_thread_is():
     assert busy[3] < busy[1] / 4  # mostly asleep since
 
 
+def test_the_interceptor_tells_a_call_that_found_the_server_idle():
+    """A call that starts after the loop thread slept with nothing in flight (a lone
+    caller) may compute on the loop however busy its recent windows were; one that
+    starts straight after the last call ended, the loop busy meanwhile (calls queued in
+    gRPC's core), or beside another call, may not."""
+    from recserve.server.app import IDLE_ARRIVAL_S, ErrorInterceptor
+
+    interceptor = ErrorInterceptor()
+    interceptor.begin()
+    interceptor.end()
+    time.sleep(20 * IDLE_ARRIVAL_S)  # the loop asleep between calls
+    interceptor.begin()
+    assert interceptor.arrived_idle
+    interceptor.begin()  # a second call in flight beside it
+    assert not interceptor.arrived_idle
+    interceptor.end()
+    interceptor.end()
+    end = time.thread_time() + IDLE_ARRIVAL_S / 2  # the loop busy until the next call
+    while time.thread_time() < end:
+        pass
+    interceptor.begin()
+    assert not interceptor.arrived_idle
+    interceptor.end()
+
+
 # (kwargs of RecommendClient.recommend, status, part of the message)
 ERROR_CASES = [
     (dict(model="nope", user_id="1", k=5), grpc.StatusCode.NOT_FOUND, "unknown model 'nope' (models: tiny)"),
