@@ -183,8 +183,7 @@ enum class Filter { none, bf16, i8 };
 struct QueryBlock {
   int64_t nq = 0, w = 0;        // real queries, lanes (a multiple of the SIMD width)
   std::vector<float> qt;        // transposed, [d][w], padding lanes zero
-  Filter filter = Filter::none;  // the pre-filter these queries go through
-  bool bf16 = false;            // use the bfloat16 filter
+  Filter filter = Filter::none;  // the pre-filter these queries go through (none: a non-finite query)
   std::vector<uint32_t> qt2;    // bfloat16 pairs, [dp][w]
   std::vector<uint32_t> q2;     // the same pairs per query, [nq][dp] (the one-query filter)
   std::vector<double> qnorm;    // |q_l|
@@ -200,9 +199,8 @@ struct QueryBlock {
     for (int64_t l = 0; l < nq; ++l)
       for (int64_t j = 0; j < d; ++j) qt[size_t(j * w + l)] = q_all[(q0 + l) * d + j];
     filter = want;
-    bf16 = want == Filter::bf16;
     if (want == Filter::i8) fill_i8(q_all, q0, d);
-    if (!bf16) return;
+    if (want != Filter::bf16) return;
     const int64_t dp = (d + 1) / 2;
     qt2.assign(size_t(dp * w), 0u);
     q2.assign(size_t(dp * nq), 0u);
@@ -216,9 +214,8 @@ struct QueryBlock {
         sq += double(q[j]) * double(q[j]);
       }
       qnorm[size_t(l)] = std::sqrt(sq);
-      bf16 = bf16 && std::isfinite(qnorm[size_t(l)]);  // inf/NaN queries: no useful bound
+      if (!std::isfinite(qnorm[size_t(l)])) filter = Filter::none;  // inf/NaN queries: no useful bound
     }
-    if (!bf16) filter = Filter::none;
   }
 
   // q_hat = round(q / scale) with scale = max|q_j| / 63 (7 bits: two products of a
@@ -309,11 +306,12 @@ Usable usable(const PreparedItems* prepared, const SimdKernels& sk, const Tensor
   if (prepared == nullptr) return u;
   if (prepared->bf16 && sk.prefilter_lanes_bf16 != nullptr) u.bf16 = prepared->bf16.get();
   if (prepared->i8 && sk.prefilter_lanes_i8 != nullptr) u.i8 = prepared->i8.get();
-  for (const auto [n, d] : {std::pair{u.bf16 ? u.bf16->num_items : -1, u.bf16 ? u.bf16->d : -1},
-                            std::pair{u.i8 ? u.i8->num_items : -1, u.i8 ? u.i8->d : -1}}) {
-    if (n >= 0 && (n != items.shape[0] || d != items.shape[1]))
+  const auto check = [&](int64_t n, int64_t d) {
+    if (n != items.shape[0] || d != items.shape[1])
       arg_error(kOp, "the prepared items are [", n, ", ", d, "], not the items' shape");
-  }
+  };
+  if (u.bf16) check(u.bf16->num_items, u.bf16->d);
+  if (u.i8) check(u.i8->num_items, u.i8->d);
   return u;
 }
 
